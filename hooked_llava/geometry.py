@@ -1,0 +1,57 @@
+"""Mapping bounding boxes in the original image to patches of the processed image."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .inputs import LlavaInputs
+
+Box = tuple[float, float, float, float]
+
+
+def box_to_patches(box: Box, image_size: tuple[int, int], crop: tuple[int, int], patch: int) -> set[tuple[int, int]]:
+    """Grid cells `(row, col)` that any pixel of `box` falls in, after the processor's
+    shortest-edge resize to `crop[0]` and centre crop to `crop[1]`.
+
+    `box` is `(x0, y0, x1, y1)` in original pixels with `x1`, `y1` exclusive.
+    """
+    height, width = image_size
+    shortest, side = crop
+    scale = shortest / min(height, width)
+    top = (round(height * scale) - side) / 2
+    left = (round(width * scale) - side) / 2
+    x0, y0, x1, y1 = box
+    px0, px1 = max(x0 * scale - left, 0.0), min(x1 * scale - left, side)
+    py0, py1 = max(y0 * scale - top, 0.0), min(y1 * scale - top, side)
+    if px1 <= px0 or py1 <= py0:
+        return set()
+    rows = range(int(py0 // patch), math.ceil(py1 / patch))
+    cols = range(int(px0 // patch), math.ceil(px1 / patch))
+    return {(r, c) for r in rows for c in cols}
+
+
+def related_mask(inputs: LlavaInputs) -> Bool[Tensor, "batch pos"]:
+    """Image positions whose patch lies under any of the row's boxes."""
+    if inputs.boxes is None:
+        raise ValueError(
+            "the 'related' role needs bounding boxes: pass `boxes=[[(x0, y0, x1, y1), ...], ...]` "
+            "(one list per prompt, original-image pixels) to `model.prepare`."
+        )
+    if inputs.image_sizes is None or inputs.crop is None:
+        raise ValueError("the 'related' role needs the original image sizes and the processor's crop; use model.prepare.")
+    patch = inputs.crop[1] // inputs.grid_size
+    rc, image_of = inputs.patch_rc(), inputs.image_index()
+    mask = torch.zeros_like(inputs.input_ids, dtype=torch.bool)
+    for row, row_boxes in enumerate(inputs.boxes):
+        for pos in inputs.image_mask[row].nonzero()[:, 0].tolist():
+            r, c = rc[row, pos].tolist()
+            size = inputs.image_sizes[int(image_of[row, pos])]
+            cells = set().union(*(box_to_patches(b, size, inputs.crop, patch) for b in row_boxes)) if row_boxes else set()
+            mask[row, pos] = (r, c) in cells
+    return mask

@@ -1,0 +1,215 @@
+"""`HookedLlava`: LLaVA-1.5 reimplemented as a TransformerLens `HookedRootModule`.
+
+The forward pass is: CLIP tower → projector → merge into the token embeddings at the
+`<image>` placeholders (`hook_embed`) → Llama blocks → final RMSNorm → unembedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens import ActivationCache
+from transformer_lens.HookedRootModule import HookedRootModule
+
+from . import checks
+from .components import Attention, GatedMLP, HookPoint, RMSNorm, TransformerBlock, rotary_cos_sin
+from .config import LanguageConfig, LlavaConfigs
+from .generation import GenerationMixin
+from .inputs import LlavaInputs
+from .loading import LoadingMixin
+from .tokens import TokensMixin
+from .vision import Projector, VisionTower
+from .weights import WeightsMixin
+
+ReturnType = Literal["logits", "loss", "both"] | None
+KV = list[tuple[Tensor, Tensor]]
+
+
+def _lm_block(cfg: LanguageConfig) -> TransformerBlock:
+    return TransformerBlock(
+        Attention(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.n_kv_heads, cfg.attention_bias, rotary=True),
+        GatedMLP(cfg.d_model, cfg.d_mlp or 4 * cfg.d_model, cfg.act_fn, cfg.mlp_bias),
+        RMSNorm(cfg.d_model, cfg.eps),
+        RMSNorm(cfg.d_model, cfg.eps),
+    )
+
+
+class HookedLlava(LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, HookedRootModule):
+    """LLaVA with every internal exposed as a live TransformerLens hook point.
+
+    Example:
+        >>> model = HookedLlava.from_pretrained("shapes-llava")
+        >>> inputs = model.prepare(images=[image], prompts=["USER: <image>\\nWhat is the color of the circle?\\nASSISTANT:"])
+        >>> logits, cache = model.run_with_cache(inputs)
+        >>> cache["blocks.3.attn.hook_pattern"].shape  # [batch, head, query, key]
+    """
+
+    def __init__(self, cfgs: LlavaConfigs, processor: Any = None):
+        super().__init__()
+        self.cfgs = cfgs
+        self.cfg: LanguageConfig = cfgs.lm
+        self.processor = processor
+        self.vision = VisionTower(cfgs.vision) if cfgs.vision is not None else None
+        self.projector = Projector(cfgs.projector) if cfgs.projector is not None else None
+        self.w_e = nn.Parameter(torch.empty(self.cfg.d_vocab, self.cfg.d_model))
+        self.hook_embed = HookPoint()  # merged sequence: tokens at text, image features at image positions
+        self.blocks = nn.ModuleList(_lm_block(self.cfg) for _ in range(self.cfg.n_layers))
+        self.ln_final = RMSNorm(self.cfg.d_model, self.cfg.eps)
+        self.w_u = nn.Parameter(torch.empty(self.cfg.d_vocab_out, self.cfg.d_model))
+        self.setup()
+
+    # --- forward -------------------------------------------------------------------------
+    def forward(
+        self,
+        input: LlavaInputs | Tensor | str | list[str],
+        pixel_values: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        return_type: ReturnType = "logits",
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
+        residual: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Any:
+        """Run the model.
+
+        Args:
+            input: a `LlavaInputs` from `prepare`, token ids `[batch, pos]` (with
+                `pixel_values` when they hold `<image>` placeholders), or text.
+            pixel_values: `[n_images, channels, height, width]`, HF-style.
+            attention_mask: `[batch, pos]`, 1 for real tokens, 0 for padding (left or right).
+            return_type: "logits", "loss" (mean next-token loss over real tokens), "both" or None.
+            start_at_layer: begin at this block with `residual` as its `resid_pre`.
+            stop_at_layer: return the residual stream before this block instead of logits.
+        """
+        inputs = self.as_inputs(input, pixel_values, attention_mask)
+        mask2d = inputs.attention_mask
+        if position_ids is None:
+            position_ids = inputs.position_ids()
+        if start_at_layer is None:
+            x = self.embed_inputs(inputs)
+        elif residual is None:
+            raise ValueError("start_at_layer needs the residual stream to start from: pass `residual=`.")
+        else:
+            x = residual
+        x, _ = self.run_blocks(x, mask2d, position_ids, start_at_layer or 0, stop_at_layer)
+        if stop_at_layer is not None:
+            return x
+        logits = self.unembed(self.ln_final(x))
+        return self._output(logits, inputs, return_type)
+
+    def embed_inputs(self, inputs: LlavaInputs) -> Float[Tensor, "batch pos d_model"]:
+        """Token embeddings with the projected image features merged in, through `hook_embed`."""
+        ids = inputs.input_ids
+        embeds = F.embedding(ids, self.w_e)
+        if inputs.pixel_values is not None:
+            features = self.image_features(inputs.pixel_values)
+            checks.image_feature_count(inputs, features)
+            placeholder = inputs.image_mask.unsqueeze(-1)
+            embeds = embeds.masked_scatter(placeholder, features.to(embeds.dtype))
+        return self.hook_embed(embeds)
+
+    def image_features(self, pixel_values: Float[Tensor, "n_images channel h w"]) -> Float[Tensor, "n_images n_tokens d_model"]:
+        """Vision tower and projector: the vectors that replace each image's placeholders."""
+        if self.vision is None or self.projector is None:
+            raise ValueError("this is a text-only model: it has no vision tower; drop the image inputs.")
+        checks.pixel_values(pixel_values, self.vision.cfg, self.w_e.dtype)
+        return self.projector(self.vision(pixel_values.to(self.w_e.device, self.w_e.dtype)))
+
+    def run_blocks(
+        self,
+        x: Tensor,
+        mask2d: Tensor | None,
+        position_ids: Tensor,
+        start: int = 0,
+        stop: int | None = None,
+        past: KV | None = None,
+    ) -> tuple[Tensor, KV]:
+        """Run blocks `start..stop-1`; returns the residual and each block's new (key, value)."""
+        n_past = 0 if past is None else past[0][0].shape[1]
+        mask = self.additive_mask(mask2d, x.shape[1], n_past, x.dtype)
+        rotary = rotary_cos_sin(position_ids, self.cfg.d_head, self.cfg.rope_theta, x.dtype)
+        kvs: KV = []
+        for i, block in enumerate(self.blocks[start:stop], start=start):
+            x, kv = block(x, mask, rotary, None if past is None else past[i])
+            kvs.append(kv)
+        return x, kvs
+
+    def additive_mask(self, mask2d: Tensor | None, n_q: int, n_past: int, dtype: torch.dtype) -> Tensor | None:
+        """`[batch, 1, q, k]` mask with `finfo.min` where attention is forbidden, or None when
+        causal masking alone suffices (the attention then uses the fused causal kernel)."""
+        if n_past == 0 and (mask2d is None or bool(mask2d.all())):
+            return None
+        n_k = n_past + n_q
+        if mask2d is None:
+            mask2d = torch.ones(1, n_k, dtype=torch.long, device=self.w_e.device)
+        allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=mask2d.device).tril(n_past)
+        allowed = allowed[None] & mask2d[:, None, -n_k:].bool()
+        zeros = torch.zeros(allowed.shape, dtype=dtype, device=mask2d.device)
+        return zeros.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+    def unembed(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+        return F.linear(x, self.w_u)
+
+    def _output(self, logits: Tensor, inputs: LlavaInputs, return_type: ReturnType) -> Any:
+        if return_type is None:
+            return None
+        if return_type == "logits":
+            return logits
+        loss = self.loss(logits, inputs)
+        return loss if return_type == "loss" else (logits, loss)
+
+    @staticmethod
+    def loss(logits: Tensor, inputs: LlavaInputs) -> Tensor:
+        """Mean next-token cross-entropy over real (unpadded) target positions."""
+        targets = inputs.input_ids[:, 1:]
+        keep = inputs.attention_mask[:, 1:].bool() & ~inputs.image_mask[:, 1:]
+        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, reduction="none")
+        return losses[keep].mean()
+
+    # --- inputs ---------------------------------------------------------------------------
+    def as_inputs(
+        self, input: Any, pixel_values: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> LlavaInputs:
+        """Coerce whatever `forward` was given into a validated `LlavaInputs` on the model's device."""
+        if isinstance(input, LlavaInputs):
+            if pixel_values is not None or attention_mask is not None:
+                raise ValueError("pass pixel_values/attention_mask inside the LlavaInputs, not beside it.")
+            inputs = input
+        else:
+            if isinstance(input, (str, list)) and (not isinstance(input, list) or isinstance(input[0], str)):
+                input = self.to_tokens(input)
+            inputs = self.prepare(input_ids=input, pixel_values=pixel_values, attention_mask=attention_mask)
+        checks.inputs(inputs, self)
+        return inputs.to(self.w_e.device)
+
+    def prepare(self, images: Any = None, prompts: Any = None, **kwargs: Any) -> LlavaInputs:
+        """Build a `LlavaInputs` with the model's HF processor (see `hooked_llava.inputs.prepare`)."""
+        from .inputs import prepare
+
+        return prepare(self, images=images, prompts=prompts, **kwargs)
+
+    # --- TransformerLens surface ------------------------------------------------------------
+    def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, **kwargs: Any) -> tuple[Any, Any]:
+        """`HookedRootModule.run_with_cache`, returning an `ActivationCache` bound to this model."""
+        checks.names_filter(kwargs.get("names_filter"), self.hook_dict)
+        out, cache = super().run_with_cache(*model_args, **kwargs)
+        if not return_cache_object:
+            return out, cache
+        return out, ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+
+    def _enable_hook(self, name: Any, hook: Any, dir: Literal["fwd", "bwd"]) -> None:
+        if isinstance(name, str):
+            checks.hook_name(name, self.hook_dict)
+        super()._enable_hook(name, hook, dir)
+
+    @property
+    def hook_names(self) -> Sequence[str]:
+        """All hook names, in module order (the order they fire in a forward pass)."""
+        return list(self.hook_dict)
+

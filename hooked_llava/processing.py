@@ -1,0 +1,114 @@
+"""Turning images and prompts into `LlavaInputs` with the model's Hugging Face processor."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .inputs import LlavaInputs
+
+if TYPE_CHECKING:
+    from .model import HookedLlava
+
+
+def wrap_ids(
+    model: HookedLlava, input_ids: Any, pixel_values: Tensor | None, attention_mask: Tensor | None, **extra: Any
+) -> LlavaInputs:
+    """`LlavaInputs` around ids the caller tokenised (HF-style calls end up here)."""
+    ids = torch.as_tensor(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).to(ids.device)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(ids.shape)}.")
+    vision = model.vision.cfg if model.vision is not None else None
+    return LlavaInputs(
+        input_ids=ids,
+        attention_mask=mask.long(),
+        pixel_values=pixel_values,
+        image_token_id=model.cfg.image_token_id,
+        tokens_per_image=vision.n_image_tokens if vision else 0,
+        grid_size=vision.grid_size if vision else 0,
+        has_cls=bool(vision and vision.select_strategy == "full"),
+        **extra,
+    )
+
+
+def _images(images: Any, prompts: list[str], image_token: str) -> list[Any] | None:
+    if images is not None and not isinstance(images, (list, tuple)):
+        images = [images]
+    n_expected = sum(p.count(image_token) for p in prompts)
+    n_given = 0 if images is None else len(images)
+    if n_expected != n_given:
+        raise ValueError(
+            f"the prompts contain {n_expected} {image_token!r} placeholder(s) but {n_given} image(s) were given; "
+            f"put one {image_token!r} in the prompt for each image."
+        )
+    return list(images) if images else None
+
+
+def _question_mask(
+    offsets: Tensor, prompts: list[str], spans: list[tuple[int, int] | None], image_token: str, per_image: int
+) -> Tensor:
+    """Tokens whose characters fall inside the question span (offsets index the expanded text)."""
+    mask = torch.zeros(offsets.shape[:2], dtype=torch.bool)
+    for row, (prompt, span) in enumerate(zip(prompts, spans)):
+        if span is None:
+            continue
+        shift = prompt[: span[0]].count(image_token) * (per_image - 1) * len(image_token)
+        start, end = span[0] + shift, span[1] + shift
+        s, e = offsets[row, :, 0], offsets[row, :, 1]
+        mask[row] = (s >= start) & (e <= end) & (e > s)
+    return mask
+
+
+def _crop(image_processor: Any) -> tuple[int, int] | None:
+    size = getattr(image_processor, "size", None) or {}
+    crop = getattr(image_processor, "crop_size", None) or {}
+    shortest = size.get("shortest_edge") or size.get("height")
+    side = crop.get("height") if getattr(image_processor, "do_center_crop", False) else shortest
+    return (int(shortest), int(side)) if shortest and side else None
+
+
+def encode(
+    model: HookedLlava,
+    images: Any,
+    prompts: list[str],
+    spans: list[tuple[int, int] | None],
+    boxes: Any,
+    padding_side: str,
+) -> LlavaInputs:
+    """Run the HF processor on images and prompts and record each position's role."""
+    processor = model.processor
+    if processor is None:
+        raise ValueError(
+            "this model has no processor: load it from a directory that holds the processor files, pass "
+            "`processor=` to from_pretrained/from_hf, or tokenise yourself and call prepare(input_ids=...)."
+        )
+    image_token = getattr(processor, "image_token", "<image>")
+    image_list = _images(images, prompts, image_token)
+    if boxes is not None and len(boxes) != len(prompts):
+        raise ValueError(f"boxes must hold one list of boxes per prompt: got {len(boxes)} for {len(prompts)} prompts.")
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, padding_side
+    try:
+        out = processor(images=image_list, text=prompts, return_tensors="pt", padding=True,
+                        return_offsets_mapping=True)
+    finally:
+        tokenizer.padding_side = side
+    per_image = model.vision.cfg.n_image_tokens if model.vision is not None else 0
+    question = _question_mask(out["offset_mapping"], prompts, spans, image_token, per_image)
+    sizes = [(im.height, im.width) if hasattr(im, "height") else tuple(im.shape[-2:]) for im in image_list or []]
+    return wrap_ids(
+        model,
+        out["input_ids"],
+        out.get("pixel_values"),
+        out["attention_mask"],
+        question_mask=question,
+        boxes=boxes,
+        image_sizes=sizes or None,
+        crop=_crop(getattr(processor, "image_processor", None)),
+        texts=prompts,
+    )

@@ -1,0 +1,111 @@
+"""The CLIP vision tower and the LLaVA projector, with hooks.
+
+The tower computes only the blocks up to the deepest selected feature layer: in LLaVA the
+last block and the post-LayerNorm never reach the language model, so they are not built.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from .components import ACTIVATIONS, MLP, Attention, HookPoint, LayerNorm, TransformerBlock
+from .config import ProjectorConfig, VisionConfig
+
+
+class VisionTower(nn.Module):
+    """CLIP ViT: patch conv, CLS and positions, pre-LayerNorm, then `n_layers_computed` blocks."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.w_patch = nn.Parameter(torch.empty(d, cfg.n_channels, cfg.patch_size, cfg.patch_size))
+        self.cls = nn.Parameter(torch.empty(d))
+        self.w_pos = nn.Parameter(torch.empty(cfg.n_ctx, d))
+        self.hook_patch_embed = HookPoint()  # [batch, n_patches, d_model]
+        self.hook_pos_embed = HookPoint()  # [batch, 1 + n_patches, d_model]
+        self.hook_embed = HookPoint()  # CLS + patches + positions, before ln_pre
+        self.ln_pre = LayerNorm(d, cfg.eps)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                Attention(d, cfg.n_heads, cfg.d_head, cfg.n_heads, bias=True, rotary=False),
+                MLP(d, cfg.d_mlp, cfg.act_fn),
+                LayerNorm(d, cfg.eps),
+                LayerNorm(d, cfg.eps),
+            )
+            for _ in range(cfg.n_layers_computed)
+        )
+
+    def forward(self, pixel_values: Float[Tensor, "batch channel height width"]) -> Float[Tensor, "batch pos d_in"]:
+        """Returns the selected features (CLS dropped under the "default" strategy)."""
+        patches = F.conv2d(pixel_values.to(self.w_patch.dtype), self.w_patch, stride=self.cfg.patch_size)
+        patches = self.hook_patch_embed(patches.flatten(2).transpose(1, 2))
+        cls = self.cls.expand(patches.shape[0], 1, -1)
+        pos = self.hook_pos_embed(self.w_pos.expand(patches.shape[0], -1, -1))
+        x = self.ln_pre(self.hook_embed(torch.cat([cls, patches], dim=1) + pos))
+        states = [x]
+        for block in self.blocks:
+            x, _ = block(x)
+            states.append(x)
+        features = torch.cat([states[k] for k in self.cfg.feature_layers], dim=-1)
+        return features[:, 1:] if self.cfg.select_strategy == "default" else features
+
+    @property
+    def W_Q(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
+        return torch.stack([b.attn.W_Q for b in self.blocks])
+
+    @property
+    def W_K(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
+        return torch.stack([b.attn.W_K for b in self.blocks])
+
+    @property
+    def W_V(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
+        return torch.stack([b.attn.W_V for b in self.blocks])
+
+    @property
+    def W_O(self) -> Float[Tensor, "n_layers n_heads d_head d_model"]:
+        return torch.stack([b.attn.W_O for b in self.blocks])
+
+    @property
+    def W_in(self) -> Float[Tensor, "n_layers d_model d_mlp"]:
+        return torch.stack([b.mlp.W_in for b in self.blocks])
+
+    @property
+    def W_out(self) -> Float[Tensor, "n_layers d_mlp d_model"]:
+        return torch.stack([b.mlp.W_out for b in self.blocks])
+
+    @property
+    def QK(self):
+        from .weights import qk_circuit
+
+        return qk_circuit(self.W_Q, self.W_K)
+
+    @property
+    def OV(self):
+        from .weights import ov_circuit
+
+        return ov_circuit(self.W_V, self.W_O)
+
+
+class Projector(nn.Module):
+    """`Linear → act → Linear`, mapping selected vision features into the residual stream."""
+
+    def __init__(self, cfg: ProjectorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.w_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_in))
+        self.w_out = nn.Parameter(torch.empty(cfg.d_model, cfg.d_model))
+        self.b_in = nn.Parameter(torch.empty(cfg.d_model)) if cfg.bias else None
+        self.b_out = nn.Parameter(torch.empty(cfg.d_model)) if cfg.bias else None
+        self.act = ACTIVATIONS[cfg.act_fn]
+        self.hook_in = HookPoint()  # selected vision features
+        self.hook_pre = HookPoint()
+        self.hook_post = HookPoint()
+        self.hook_out = HookPoint()  # image features before the merge
+
+    def forward(self, features: Float[Tensor, "batch pos d_in"]) -> Float[Tensor, "batch pos d_model"]:
+        pre = self.hook_pre(F.linear(self.hook_in(features), self.w_in, self.b_in))
+        return self.hook_out(F.linear(self.hook_post(self.act(pre)), self.w_out, self.b_out))
