@@ -1,0 +1,100 @@
+"""Every hook is live, and the hook names are exactly the legacy HookedTransformer ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+GOLDEN_BLOCK = [
+    "hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized",
+    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
+    "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "attn.hook_result",
+    "hook_attn_out", "hook_resid_mid", "ln2.hook_scale", "ln2.hook_normalized",
+    "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "hook_mlp_out", "hook_resid_post",
+]
+VISION_BLOCK = [n for n in GOLDEN_BLOCK if "rot_" not in n and "pre_linear" not in n]
+
+
+def golden_names(n_vision: int, n_layers: int) -> list[str]:
+    names = ["vision.hook_patch_embed", "vision.hook_pos_embed", "vision.hook_embed",
+             "vision.ln_pre.hook_scale", "vision.ln_pre.hook_normalized"]
+    names += [f"vision.blocks.{l}.{n}" for l in range(n_vision) for n in VISION_BLOCK]
+    names += ["projector.hook_in", "projector.hook_pre", "projector.hook_post", "projector.hook_out", "hook_embed"]
+    names += [f"blocks.{l}.{n}" for l in range(n_layers) for n in GOLDEN_BLOCK]
+    return names + ["ln_final.hook_scale", "ln_final.hook_normalized"]
+
+
+def test_golden_ordered_hook_names(tiny):
+    model, _ = tiny
+    assert model.hook_names == golden_names(2, 3)
+
+
+def test_hooks_fire_in_the_listed_order(tiny, batch):
+    model, _ = tiny
+    fired: list[str] = []
+    model.run_with_hooks(batch, fwd_hooks=[(lambda n: True, lambda x, hook: fired.append(hook.name))])
+    assert fired == model.hook_names
+    assert not any(hp.has_hooks() for hp in model.hook_dict.values())
+
+
+def _perturb(x, hook):
+    if hook.name.endswith("hook_pattern"):
+        return x.flip(-1).tril() / x.flip(-1).tril().sum(-1, keepdim=True).clamp_min(1e-6)
+    if hook.name.endswith("hook_attn_scores"):
+        return x + torch.randn_like(x).clamp(-3, 3)
+    return x * 1.5 + 0.1 * torch.randn_like(x)  # not a pure affine shift, which LayerNorm would undo
+
+
+def test_perturbing_every_cached_hook_changes_the_logits(tiny, batch):
+    model, _ = tiny
+    with torch.no_grad():
+        clean, cache = model.run_with_cache(batch)
+    assert set(cache.keys()) == set(model.hook_names)
+    dead = []
+    for name in model.hook_names:
+        with torch.no_grad():
+            patched = model.run_with_hooks(batch, fwd_hooks=[(name, _perturb)])
+        if (patched - clean)[batch.attention_mask.bool()].abs().max() < 1e-4:
+            dead.append(name)
+    assert dead == []
+
+
+@pytest.mark.parametrize("name", ["vision.blocks.1.hook_resid_post", "vision.blocks.0.attn.hook_pattern"])
+def test_vision_feature_layer_and_vision_pattern_are_live(tiny, batch, name):
+    model, _ = tiny
+    assert max(model.vision.cfg.feature_layers) == 2  # blocks.1 is the selected layer
+    with torch.no_grad():
+        clean = model(batch)
+        patched = model.run_with_hooks(batch, fwd_hooks=[(name, _perturb)])
+    assert (patched - clean).abs().max() > 1e-3
+
+
+def test_unknown_hook_name_suggests_close_names(tiny, batch):
+    model, _ = tiny
+    with pytest.raises(KeyError, match="blocks.0.hook_resid_pre"):
+        model.run_with_hooks(batch, fwd_hooks=[("blocks.0.hook_resid_pr", lambda x, hook: x)])
+    with pytest.raises(KeyError, match="Did you mean"):
+        model.run_with_cache(batch, names_filter=["blocks.0.attn.hook_patern"])
+
+
+def test_hooks_are_removed_when_the_forward_raises(tiny, batch):
+    model, _ = tiny
+
+    def boom(x, hook):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        model.run_with_hooks(batch, fwd_hooks=[("blocks.1.hook_resid_mid", boom)])
+    with pytest.raises(RuntimeError, match="boom"):
+        with model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", boom)]):
+            model(batch)
+    assert not any(hp.has_hooks() for hp in model.hook_dict.values())
+
+
+def test_backward_hooks_see_gradients(tiny, batch):
+    model, _ = tiny
+    grads = {}
+    with model.hooks(bwd_hooks=[("blocks.1.hook_resid_pre", lambda g, hook: grads.setdefault(hook.name, g))]):
+        model(batch)[:, -1].logsumexp(-1).sum().backward()
+    assert grads["blocks.1.hook_resid_pre"].abs().sum() > 0
+    model.zero_grad()
