@@ -95,7 +95,7 @@ class LoadingMixin:
     @classmethod
     def _build(cls, hf_config: Any, state: dict[str, torch.Tensor], dtype: torch.dtype, device: Any,
                processor: Any, fold_ln: bool, center_unembed: bool) -> Any:
-        cfgs = configs_from_hf(hf_config, dtype)
+        cfgs = configs_from_hf(hf_config, dtype)  # validates the config first
         text = getattr(hf_config, "text_config", hf_config)
         tied = bool(getattr(hf_config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
         converted = convert(state, cfgs, tied=tied)
@@ -141,6 +141,7 @@ class LoadingMixin:
 
         directory = resolve(name_or_dir)
         hf_config = AutoConfig.from_pretrained(directory)
+        configs_from_hf(hf_config)  # refuse an unsupported config before reading any weights
         state = read_checkpoint(directory, allow_pickle)
         processor = processor if processor is not None else _load_processor(directory)
         return cls._build(hf_config, state, _dtype(hf_config, dtype), device, processor, fold_ln, center_unembed)
