@@ -70,6 +70,8 @@ def inputs(x: LlavaInputs, model: HookedLlava) -> None:
             f"sequence of {ids.shape[1]} tokens exceeds the model's context length of {model.cfg.n_ctx}; "
             "shorten the prompt."
         )
+    if x.pixel_values is not None and model.vision is not None:
+        pixel_values(x.pixel_values, model.vision.cfg, model.w_e.dtype)
     n_placeholders = int(x.image_mask.sum())
     if x.pixel_values is None and n_placeholders:
         raise ValueError(

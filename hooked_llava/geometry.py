@@ -23,12 +23,14 @@ def box_to_patches(box: Box, image_size: tuple[int, int], crop: tuple[int, int],
     """
     height, width = image_size
     shortest, side = crop
-    scale = shortest / min(height, width)
-    top = (round(height * scale) - side) / 2
-    left = (round(width * scale) - side) / 2
+    # HF's CLIP resize: the short side becomes `shortest`, the long side is truncated to int.
+    new_h = shortest if height <= width else int(shortest * height / width)
+    new_w = shortest if width <= height else int(shortest * width / height)
+    top, left = (new_h - side) // 2, (new_w - side) // 2
+    sy, sx = new_h / height, new_w / width
     x0, y0, x1, y1 = box
-    px0, px1 = max(x0 * scale - left, 0.0), min(x1 * scale - left, side)
-    py0, py1 = max(y0 * scale - top, 0.0), min(y1 * scale - top, side)
+    px0, px1 = max(x0 * sx - left, 0.0), min(x1 * sx - left, side)
+    py0, py1 = max(y0 * sy - top, 0.0), min(y1 * sy - top, side)
     if px1 <= px0 or py1 <= py0:
         return set()
     rows = range(int(py0 // patch), math.ceil(py1 / patch))
