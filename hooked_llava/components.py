@@ -169,10 +169,15 @@ class Attention(nn.Module):
         return torch.matmul(pattern, vh).transpose(1, 2)
 
     def _project(self, z: Float[Tensor, "batch pos n_heads d_head"]) -> Float[Tensor, "batch pos d_model"]:
+        fused = lambda: F.linear(z.reshape(*z.shape[:2], -1), self.w_o, self.b_o)  # noqa: E731
         if not self.hook_result.active():
-            return F.linear(z.reshape(*z.shape[:2], -1), self.w_o, self.b_o)
-        result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
-        out = result.sum(2)
+            return fused()
+        result = torch.einsum("bphd,hdm->bphm", z, self.W_O)
+        version = result._version
+        hooked = self.hook_result(result)
+        if hooked is result and result._version == version:
+            return fused()  # hooks only read the per-head results: the fused product is cheaper
+        out = hooked.sum(2)
         return out if self.b_o is None else out + self.b_o
 
     # --- TransformerLens per-head views -------------------------------------------------

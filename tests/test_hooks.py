@@ -98,3 +98,22 @@ def test_backward_hooks_see_gradients(tiny, batch):
         model(batch)[:, -1].logsumexp(-1).sum().backward()
     assert grads["blocks.1.hook_resid_pre"].abs().sum() > 0
     model.zero_grad()
+
+
+def test_in_place_edits_of_head_results_are_live(tiny, batch):
+    model, _ = tiny
+
+    def zero_head(x, hook):
+        x[:, :, 1] = 0  # edits in place and returns nothing
+
+    with torch.no_grad():
+        clean = model(batch)
+        edited = model.run_with_hooks(batch, fwd_hooks=[("blocks.1.attn.hook_result", zero_head)])
+        _, cache = model.run_with_cache(batch, names_filter=["blocks.1.attn.hook_z"])
+
+        def zero_z(x, hook):
+            x[:, :, 1] = 0
+
+        reference = model.run_with_hooks(batch, fwd_hooks=[("blocks.1.attn.hook_z", zero_z)])
+    assert (edited - clean).abs().max() > 1e-3
+    torch.testing.assert_close(edited, reference, atol=1e-5, rtol=1e-5)
