@@ -23,8 +23,15 @@ from hooked_llava.testing import random_images, tiny_llava_config, tiny_processo
 CONFIGS = {
     "tiny": dict(),
     "17M": dict(
-        vocab_size=1024, d_model=512, n_layers=4, n_heads=8, n_kv_heads=None, vision_layers=4,
-        vision_d_model=256, image_size=64, patch_size=8,
+        vocab_size=1024,
+        d_model=512,
+        n_layers=4,
+        n_heads=8,
+        n_kv_heads=None,
+        vision_layers=4,
+        vision_d_model=256,
+        image_size=64,
+        patch_size=8,
     ),
 }
 PROMPT = "USER: <image>\nWhat is the color of the circle on the left of the picture?\nASSISTANT:"
@@ -63,9 +70,7 @@ def bridge_for(eager, processor):
 
 
 def variants(eager, sdpa, model, bridge, inputs):
-    hf_kwargs = dict(
-        input_ids=inputs.input_ids, pixel_values=inputs.pixel_values, attention_mask=inputs.attention_mask
-    )
+    hf_kwargs = dict(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values, attention_mask=inputs.attention_mask)
     runs = {
         "HF eager": lambda: eager(**hf_kwargs).logits,
         "HF sdpa": lambda: sdpa(**hf_kwargs).logits,
@@ -73,8 +78,9 @@ def variants(eager, sdpa, model, bridge, inputs):
         "HookedLlava run_with_cache (all hooks)": lambda: model.run_with_cache(inputs),
     }
     if bridge is not None:
-        runs["Bridge forward"] = lambda: bridge(inputs.input_ids, pixel_values=inputs.pixel_values,
-                                                attention_mask=inputs.attention_mask)
+        runs["Bridge forward"] = lambda: bridge(
+            inputs.input_ids, pixel_values=inputs.pixel_values, attention_mask=inputs.attention_mask
+        )
         runs["Bridge run_with_cache"] = lambda: bridge.run_with_cache(
             inputs.input_ids, pixel_values=inputs.pixel_values, attention_mask=inputs.attention_mask
         )
@@ -105,10 +111,14 @@ def main() -> None:
         eager, sdpa, model, processor, inputs, n_params = build(name)
         bridge = bridge_for(eager, processor)
         med = measure(variants(eager, sdpa, model, bridge, inputs), args.reps)
-        print(f"\n== {name}: {n_params / 1e6:.1f}M parameters, batch {inputs.shape[0]} × {inputs.shape[1]} tokens, "
-              f"{args.reps} interleaved reps, {args.threads} threads ==")
+        print(
+            f"\n== {name}: {n_params / 1e6:.1f}M parameters, batch {inputs.shape[0]} × {inputs.shape[1]} tokens, "
+            f"{args.reps} interleaved reps, {args.threads} threads =="
+        )
         for k, v in med.items():
-            print(f"  {k:42s} {v * 1e3:8.2f} ms   ×{v / med['HF eager']:.2f} HF eager   ×{v / med['HF sdpa']:.2f} HF sdpa")
+            print(
+                f"  {k:42s} {v * 1e3:8.2f} ms   ×{v / med['HF eager']:.2f} HF eager   ×{v / med['HF sdpa']:.2f} HF sdpa"
+            )
 
 
 if __name__ == "__main__":

@@ -89,9 +89,7 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rotary_cos_sin(
-    position_ids: Tensor, d_head: int, theta: float, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
+def rotary_cos_sin(position_ids: Tensor, d_head: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos/sin tables `[batch, pos, 1, d_head]`, computed in fp32 as HF does."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.float, device=position_ids.device) / d_head))
     freqs = position_ids[..., None].float() * inv_freq
@@ -153,7 +151,12 @@ class Attention(nn.Module):
         if not self.needs_eager():
             causal = mask is None and q.shape[1] > 1 and self.rotary
             z = F.scaled_dot_product_attention(
-                qh, kh, vh, attn_mask=mask, is_causal=causal, scale=scale,
+                qh,
+                kh,
+                vh,
+                attn_mask=mask,
+                is_causal=causal,
+                scale=scale,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
             return z.transpose(1, 2)

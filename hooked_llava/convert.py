@@ -79,7 +79,11 @@ def convert_llama(src: _Keys, cfgs: LlavaConfigs) -> dict[str, Tensor]:
         out[q + "attn.w_o"] = src.take(p + "self_attn.o_proj.weight", (d, hd))
         if c.attention_bias:
             out[q + "attn.b_o"] = src.take(p + "self_attn.o_proj.bias", (d,))
-        for ours, theirs, shape in (("gate", "gate_proj", (mlp, d)), ("in", "up_proj", (mlp, d)), ("out", "down_proj", (d, mlp))):
+        for ours, theirs, shape in (
+            ("gate", "gate_proj", (mlp, d)),
+            ("in", "up_proj", (mlp, d)),
+            ("out", "down_proj", (d, mlp)),
+        ):
             out[q + f"mlp.w_{ours}"] = src.take(p + f"mlp.{theirs}.weight", shape)
             if c.mlp_bias:
                 out[q + f"mlp.bias_{ours}"] = src.take(p + f"mlp.{theirs}.bias", shape[:1])
@@ -141,7 +145,7 @@ def split(sd: dict[str, Tensor], multimodal: bool) -> dict[str, dict[str, Tensor
     for key, tensor in sd.items():
         for prefix, part in PREFIXES:
             if key.startswith(prefix) and (multimodal or part in ("lm", "head")):
-                parts[part][key[len(prefix):]] = tensor
+                parts[part][key[len(prefix) :]] = tensor
                 break
         else:
             parts["unknown"][key] = tensor

@@ -12,7 +12,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .inputs import LlavaInputs
 
-Box = tuple[float, float, float, float]
+Box = tuple[float | int, float | int, float | int, float | int]  # (x0, y0, x1, y1)
 
 
 def box_to_patches(box: Box, image_size: tuple[int, int], crop: tuple[int, int], patch: int) -> set[tuple[int, int]]:
@@ -46,7 +46,9 @@ def related_mask(inputs: LlavaInputs) -> Bool[Tensor, "batch pos"]:
             "(one list per prompt, original-image pixels) to `model.prepare`."
         )
     if inputs.image_sizes is None or inputs.crop is None:
-        raise ValueError("the 'related' role needs the original image sizes and the processor's crop; use model.prepare.")
+        raise ValueError(
+            "the 'related' role needs the original image sizes and the processor's crop; use model.prepare."
+        )
     patch = inputs.crop[1] // inputs.grid_size
     rc, image_of = inputs.patch_rc(), inputs.image_index()
     mask = torch.zeros_like(inputs.input_ids, dtype=torch.bool)
@@ -54,6 +56,8 @@ def related_mask(inputs: LlavaInputs) -> Bool[Tensor, "batch pos"]:
         for pos in inputs.image_mask[row].nonzero()[:, 0].tolist():
             r, c = rc[row, pos].tolist()
             size = inputs.image_sizes[int(image_of[row, pos])]
-            cells = set().union(*(box_to_patches(b, size, inputs.crop, patch) for b in row_boxes)) if row_boxes else set()
+            cells = (
+                set().union(*(box_to_patches(b, size, inputs.crop, patch) for b in row_boxes)) if row_boxes else set()
+            )
             mask[row, pos] = (r, c) in cells
     return mask

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Int
 from torch import Tensor
+
+from .geometry import Box
 
 if TYPE_CHECKING:
     from .model import HookedLlava
@@ -48,13 +50,13 @@ class LlavaInputs:
 
     input_ids: Int[Tensor, "batch pos"]
     attention_mask: Int[Tensor, "batch pos"]
-    pixel_values: Float[Tensor, "n_images channel h w"] | None = None
+    pixel_values: Tensor | None = None  # [n_images, channel, h, w]; checked by HookedLlava with a clear message
     image_token_id: int | None = None
     tokens_per_image: int = 0
     grid_size: int = 0
     has_cls: bool = False
     question_mask: Bool[Tensor, "batch pos"] | None = None
-    boxes: list[list[tuple[float, float, float, float]]] | None = None
+    boxes: list[list[Box]] | None = None
     image_sizes: list[tuple[int, int]] | None = None
     crop: tuple[int, int] | None = None
     texts: list[str] | None = field(default=None, repr=False)
@@ -82,8 +84,9 @@ class LlavaInputs:
         """The same prompts with other images (e.g. the corrupted scene of a patching pair)."""
         if self.pixel_values is None or pixel_values.shape != self.pixel_values.shape:
             raise ValueError(
-                f"replacement pixel_values must have the shape of the current ones "
-                f"{None if self.pixel_values is None else tuple(self.pixel_values.shape)}, got {tuple(pixel_values.shape)}."
+                f"replacement pixel_values must have the shape of the current ones, "
+                f"{None if self.pixel_values is None else tuple(self.pixel_values.shape)}; "
+                f"got {tuple(pixel_values.shape)}."
             )
         return replace(self, pixel_values=pixel_values)
 
@@ -204,9 +207,9 @@ def prepare(
     *,
     questions: str | list[str] | None = None,
     template: str = LLAVA15_TEMPLATE,
-    boxes: list[list[tuple[float, float, float, float]]] | None = None,
+    boxes: list[list[Box]] | None = None,
     input_ids: Tensor | None = None,
-    pixel_values: Tensor | None = None,
+    pixel_values: Any = None,
     attention_mask: Tensor | None = None,
     padding_side: str = "left",
 ) -> LlavaInputs:

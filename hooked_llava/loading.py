@@ -93,8 +93,16 @@ class LoadingMixin:
     """`from_hf` and `from_pretrained` constructors."""
 
     @classmethod
-    def _build(cls, hf_config: Any, state: dict[str, torch.Tensor], dtype: torch.dtype, device: Any,
-               processor: Any, fold_ln: bool, center_unembed: bool) -> Any:
+    def _build(
+        cls,
+        hf_config: Any,
+        state: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: Any,
+        processor: Any,
+        fold_ln: bool,
+        center_unembed: bool,
+    ) -> Any:
         cfgs = configs_from_hf(hf_config, dtype)  # validates the config first
         text = getattr(hf_config, "text_config", hf_config)
         tied = bool(getattr(hf_config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
@@ -104,7 +112,9 @@ class LoadingMixin:
         converted = {k: v.to(dtype) for k, v in converted.items()}
         missing, unexpected = model.load_state_dict(converted, strict=False, assign=True)
         if missing or unexpected:
-            raise CheckpointError(f"converted checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+            raise CheckpointError(
+                f"converted checkpoint does not fit the model: missing {missing}, unexpected {unexpected}"
+            )
         device = device or "cpu"
         model.cfg.device = str(device)
         model = model.to(device)
@@ -114,8 +124,16 @@ class LoadingMixin:
         return model
 
     @classmethod
-    def from_hf(cls, hf_model: Any, processor: Any = None, *, dtype: Any = None, device: Any = None,
-                fold_ln: bool = False, center_unembed: bool = False) -> Any:
+    def from_hf(
+        cls,
+        hf_model: Any,
+        processor: Any = None,
+        *,
+        dtype: Any = None,
+        device: Any = None,
+        fold_ln: bool = False,
+        center_unembed: bool = False,
+    ) -> Any:
         """Build from a loaded `LlavaForConditionalGeneration` (or `LlamaForCausalLM`); weights are copied."""
         state = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
         dtype = dtype or next(hf_model.parameters()).dtype
@@ -123,9 +141,17 @@ class LoadingMixin:
         return cls._build(hf_model.config, state, dtype, device, processor, fold_ln, center_unembed)
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str | Path, dtype: Any = None, device: Any = None, *,
-                        processor: Any = None, allow_pickle: bool = False, fold_ln: bool = False,
-                        center_unembed: bool = False) -> Any:
+    def from_pretrained(
+        cls,
+        name_or_dir: str | Path,
+        dtype: Any = None,
+        device: Any = None,
+        *,
+        processor: Any = None,
+        allow_pickle: bool = False,
+        fold_ln: bool = False,
+        center_unembed: bool = False,
+    ) -> Any:
         """Load a shipped model ("shapes-llava", "shapes-lm"), a local directory or a hub id.
 
         Args:

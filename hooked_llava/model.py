@@ -44,7 +44,7 @@ class HookedLlava(LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, Hook
 
     Example:
         >>> model = HookedLlava.from_pretrained("shapes-llava")
-        >>> inputs = model.prepare(images=[image], prompts=["USER: <image>\\nWhat is the color of the circle?\\nASSISTANT:"])
+        >>> inputs = model.prepare(images=[image], questions=["What is the color of the circle?"])
         >>> logits, cache = model.run_with_cache(inputs)
         >>> cache["blocks.3.attn.hook_pattern"].shape  # [batch, head, query, key]
     """
@@ -67,7 +67,7 @@ class HookedLlava(LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, Hook
     def forward(
         self,
         input: LlavaInputs | Tensor | str | list[str],
-        pixel_values: Tensor | None = None,
+        pixel_values: Any = None,  # validated by `checks` with a message that says how to fix it
         attention_mask: Tensor | None = None,
         *,
         return_type: ReturnType = "logits",
@@ -114,7 +114,9 @@ class HookedLlava(LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, Hook
             embeds = embeds.masked_scatter(placeholder, features.to(embeds.dtype))
         return self.hook_embed(embeds)
 
-    def image_features(self, pixel_values: Float[Tensor, "n_images channel h w"]) -> Float[Tensor, "n_images n_tokens d_model"]:
+    def image_features(
+        self, pixel_values: Float[Tensor, "n_images channel h w"]
+    ) -> Float[Tensor, "n_images n_tokens d_model"]:
         """Vision tower and projector: the vectors that replace each image's placeholders."""
         if self.vision is None or self.projector is None:
             raise ValueError("this is a text-only model: it has no vision tower; drop the image inputs.")
@@ -173,9 +175,7 @@ class HookedLlava(LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, Hook
         return losses[keep].mean()
 
     # --- inputs ---------------------------------------------------------------------------
-    def as_inputs(
-        self, input: Any, pixel_values: Tensor | None = None, attention_mask: Tensor | None = None
-    ) -> LlavaInputs:
+    def as_inputs(self, input: Any, pixel_values: Any = None, attention_mask: Tensor | None = None) -> LlavaInputs:
         """Coerce whatever `forward` was given into a validated `LlavaInputs` on the model's device."""
         if isinstance(input, LlavaInputs):
             if pixel_values is not None or attention_mask is not None:
@@ -212,4 +212,3 @@ class HookedLlava(LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, Hook
     def hook_names(self) -> Sequence[str]:
         """All hook names, in module order (the order they fire in a forward pass)."""
         return list(self.hook_dict)
-

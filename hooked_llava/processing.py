@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from . import checks
 from .inputs import LlavaInputs
 
 if TYPE_CHECKING:
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
 
 
 def wrap_ids(
-    model: HookedLlava, input_ids: Any, pixel_values: Tensor | None, attention_mask: Tensor | None, **extra: Any
+    model: HookedLlava, input_ids: Any, pixel_values: Any, attention_mask: Tensor | None, **extra: Any
 ) -> LlavaInputs:
     """`LlavaInputs` around ids the caller tokenised (HF-style calls end up here)."""
     ids = torch.as_tensor(input_ids)
@@ -24,6 +25,8 @@ def wrap_ids(
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(ids.shape)}.")
     vision = model.vision.cfg if model.vision is not None else None
+    if pixel_values is not None and vision is not None:
+        checks.pixel_values(pixel_values, vision, model.w_e.dtype)
     return LlavaInputs(
         input_ids=ids,
         attention_mask=mask.long(),
@@ -54,7 +57,7 @@ def _question_mask(
 ) -> Tensor:
     """Tokens whose characters fall inside the question span (offsets index the expanded text)."""
     mask = torch.zeros(offsets.shape[:2], dtype=torch.bool)
-    for row, (prompt, span) in enumerate(zip(prompts, spans)):
+    for row, (prompt, span) in enumerate(zip(prompts, spans, strict=True)):
         if span is None:
             continue
         shift = prompt[: span[0]].count(image_token) * (per_image - 1) * len(image_token)
@@ -94,8 +97,7 @@ def encode(
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, padding_side
     try:
-        out = processor(images=image_list, text=prompts, return_tensors="pt", padding=True,
-                        return_offsets_mapping=True)
+        out = processor(images=image_list, text=prompts, return_tensors="pt", padding=True, return_offsets_mapping=True)
     finally:
         tokenizer.padding_side = side
     per_image = model.vision.cfg.n_image_tokens if model.vision is not None else 0

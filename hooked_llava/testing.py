@@ -24,12 +24,20 @@ def tiny_tokenizer() -> Any:
     vocab = {tok: i for i, tok in enumerate(SPECIALS + [w for w in WORDS if w])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+        [
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Punctuation(),
+        ]
     )
     tok.decoder = decoders.WordPiece(prefix="##")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"},
     )
     fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
@@ -40,10 +48,15 @@ def tiny_processor(image_size: int = 32, patch_size: int = 8, strategy: str = "d
     """A real `LlavaProcessor`: the word-level tokenizer and a `CLIPImageProcessor` at `image_size`."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    images = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    images = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     return LlavaProcessor(
-        image_processor=images, tokenizer=tiny_tokenizer(), patch_size=patch_size,
-        vision_feature_select_strategy=strategy, num_additional_image_tokens=1,
+        image_processor=images,
+        tokenizer=tiny_tokenizer(),
+        patch_size=patch_size,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=1,
     )
 
 
@@ -68,18 +81,32 @@ def tiny_llava_config(
 
     tok = tiny_tokenizer()
     text = LlamaConfig(
-        vocab_size=vocab_size or len(tok), hidden_size=d_model, intermediate_size=2 * d_model,
-        num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads or n_heads,
-        max_position_embeddings=512, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, **text_overrides,
+        vocab_size=vocab_size or len(tok),
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads or n_heads,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        **text_overrides,
     )
     vision = CLIPVisionConfig(
-        hidden_size=vision_d_model, intermediate_size=2 * vision_d_model, num_hidden_layers=vision_layers,
-        num_attention_heads=4, image_size=image_size, patch_size=patch_size,
+        hidden_size=vision_d_model,
+        intermediate_size=2 * vision_d_model,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
     )
     cfg = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=feature_layer,
+        vision_feature_select_strategy=strategy,
     )
     cfg._attn_implementation = attn_implementation
     return cfg

@@ -80,7 +80,7 @@ class WeightsMixin:
     ) -> Float[Tensor, " d_model"]:
         """Sum of the attention-output and MLP-output biases written before `layer` (zeros for Llama)."""
         total = self.w_e.new_zeros(self.cfg.d_model)
-        for i, block in enumerate(self.blocks[:layer + int(mlp_input)]):
+        for i, block in enumerate(self.blocks[: layer + int(mlp_input)]):
             total = total + block.attn.b_O
             if include_mlp_biases and i < layer:
                 total = total + block.mlp.b_out

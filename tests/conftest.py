@@ -6,6 +6,10 @@ import warnings
 
 import pytest
 import torch
+from jaxtyping import install_import_hook
+
+# Runtime shape checking of every jaxtyping annotation in the packages under test.
+install_import_hook(["hooked_llava", "analyses"], "beartype.beartype")
 
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 

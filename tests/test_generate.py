@@ -24,8 +24,13 @@ def test_greedy_generation_equals_hf_for_20_tokens_with_padding():
     inputs = model.prepare(images=random_images(2, seed=3), prompts=prompts)
     ours = model.generate(inputs, max_new_tokens=20, eos_token_id=None)
     ref = hf.generate(
-        input_ids=inputs.input_ids, pixel_values=inputs.pixel_values, attention_mask=inputs.attention_mask,
-        max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
+        input_ids=inputs.input_ids,
+        pixel_values=inputs.pixel_values,
+        attention_mask=inputs.attention_mask,
+        max_new_tokens=20,
+        min_new_tokens=20,
+        do_sample=False,
+        eos_token_id=None,
     )
     assert ours.shape == ref.shape == (2, inputs.input_ids.shape[1] + 20)
     assert torch.equal(ours, ref)

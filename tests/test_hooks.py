@@ -6,18 +6,39 @@ import pytest
 import torch
 
 GOLDEN_BLOCK = [
-    "hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized",
-    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
-    "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "attn.hook_result",
-    "hook_attn_out", "hook_resid_mid", "ln2.hook_scale", "ln2.hook_normalized",
-    "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "hook_mlp_out", "hook_resid_post",
+    "hook_resid_pre",
+    "ln1.hook_scale",
+    "ln1.hook_normalized",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.hook_rot_q",
+    "attn.hook_rot_k",
+    "attn.hook_attn_scores",
+    "attn.hook_pattern",
+    "attn.hook_z",
+    "attn.hook_result",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "ln2.hook_scale",
+    "ln2.hook_normalized",
+    "mlp.hook_pre",
+    "mlp.hook_pre_linear",
+    "mlp.hook_post",
+    "hook_mlp_out",
+    "hook_resid_post",
 ]
 VISION_BLOCK = [n for n in GOLDEN_BLOCK if "rot_" not in n and "pre_linear" not in n]
 
 
 def golden_names(n_vision: int, n_layers: int) -> list[str]:
-    names = ["vision.hook_patch_embed", "vision.hook_pos_embed", "vision.hook_embed",
-             "vision.ln_pre.hook_scale", "vision.ln_pre.hook_normalized"]
+    names = [
+        "vision.hook_patch_embed",
+        "vision.hook_pos_embed",
+        "vision.hook_embed",
+        "vision.ln_pre.hook_scale",
+        "vision.ln_pre.hook_normalized",
+    ]
     names += [f"vision.blocks.{l}.{n}" for l in range(n_vision) for n in VISION_BLOCK]
     names += ["projector.hook_in", "projector.hook_pre", "projector.hook_post", "projector.hook_out", "hook_embed"]
     names += [f"blocks.{l}.{n}" for l in range(n_layers) for n in GOLDEN_BLOCK]

@@ -82,7 +82,8 @@ def test_hf_style_call_equals_inputs_call(tiny, batch):
     with torch.no_grad():
         a = model(batch)
         b = model(batch.input_ids, pixel_values=batch.pixel_values, attention_mask=batch.attention_mask)
-        _, cache = model.run_with_cache(batch.input_ids, pixel_values=batch.pixel_values,
-                                        attention_mask=batch.attention_mask)
+        _, cache = model.run_with_cache(
+            batch.input_ids, pixel_values=batch.pixel_values, attention_mask=batch.attention_mask
+        )
     assert torch.equal(a, b)
     assert "blocks.0.attn.hook_pattern" in cache

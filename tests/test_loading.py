@@ -32,9 +32,19 @@ def test_sharded_directory_loads_with_identical_logits(tiny, saved, batch):
     loaded = HookedLlava.from_pretrained(saved)
     assert loaded.processor is not None
     assert torch.equal(_logits(loaded, batch), _logits(model, batch))
-    assert torch.equal(_logits(loaded, loaded.prepare(images=None, prompts=None, input_ids=batch.input_ids,
-                                                     pixel_values=batch.pixel_values,
-                                                     attention_mask=batch.attention_mask)), _logits(model, batch))
+    assert torch.equal(
+        _logits(
+            loaded,
+            loaded.prepare(
+                images=None,
+                prompts=None,
+                input_ids=batch.input_ids,
+                pixel_values=batch.pixel_values,
+                attention_mask=batch.attention_mask,
+            ),
+        ),
+        _logits(model, batch),
+    )
 
 
 def test_on_disk_layout_is_the_legacy_one_and_transformers5_layout_also_loads(tiny, saved, tmp_path, batch):
@@ -89,8 +99,15 @@ def test_text_only_llama_loads_with_the_same_hook_names(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     cfg._attn_implementation = "eager"
     hf = LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path, max_shard_size="10KB")

@@ -50,13 +50,17 @@ def test_every_cached_vision_residual_equals_hf_hidden_states(name):
         ref = hf.model.vision_tower(pixels, output_hidden_states=True).hidden_states
         features = model.vision(pixels)
         _, vcache = model.run_with_cache(
-            model.to_tokens("USER: <image>\nWhat").repeat(2, 1), pixel_values=pixels, names_filter=lambda n: n.startswith("vision")
+            model.to_tokens("USER: <image>\nWhat").repeat(2, 1),
+            pixel_values=pixels,
+            names_filter=lambda n: n.startswith("vision"),
         )
     n = model.vision.cfg.n_layers_computed
     assert n == max(model.vision.cfg.feature_layers)
     torch.testing.assert_close(vcache["vision.ln_pre.hook_normalized"], ref[0], atol=1e-5, rtol=1e-5)
     for layer in range(n):
-        torch.testing.assert_close(vcache[f"vision.blocks.{layer}.hook_resid_post"], ref[layer + 1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            vcache[f"vision.blocks.{layer}.hook_resid_post"], ref[layer + 1], atol=1e-5, rtol=1e-5
+        )
     with torch.no_grad():
         ref_features = hf.model.get_image_features(pixel_values=pixels).pooler_output
     torch.testing.assert_close(model.projector(features), torch.stack(list(ref_features)), atol=1e-5, rtol=1e-5)
@@ -88,8 +92,10 @@ def test_bf16_agrees_with_hf_fp32_within_stated_tolerance(batch):
     with torch.no_grad():
         ours = model16(batch.input_ids, pixel_values=batch.pixel_values.bfloat16(), attention_mask=batch.attention_mask)
         ref16 = hf16(
-            input_ids=batch.input_ids, pixel_values=batch.pixel_values.bfloat16(),
-            attention_mask=batch.attention_mask, position_ids=batch.position_ids(),
+            input_ids=batch.input_ids,
+            pixel_values=batch.pixel_values.bfloat16(),
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids(),
         ).logits
         ref32 = _hf_logits(hf, batch).logits
     real = batch.attention_mask.bool()
@@ -114,4 +120,4 @@ def test_padding_does_not_change_a_prompts_logits(tiny, images):
     with torch.no_grad():
         batch = model(model.prepare(images=images, prompts=PROMPTS, padding_side="left"))
         alone = model(model.prepare(images=images[1:], prompts=PROMPTS[1:]))
-    torch.testing.assert_close(batch[1, -alone.shape[1]:], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch[1, -alone.shape[1] :], alone[0], atol=1e-5, rtol=1e-5)

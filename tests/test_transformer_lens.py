@@ -94,7 +94,8 @@ def test_transformer_lens_patching_runs_with_the_image_and_matches_a_manual_loop
     for layer in range(model.cfg.n_layers):
         name = f"blocks.{layer}.hook_resid_pre"
         for pos in range(clean.shape[1]):
-            def hook(x, hook, pos=pos):
+
+            def hook(x, hook, pos=pos, name=name):
                 x = x.clone()
                 x[:, pos] = clean_cache[name][:, pos]
                 return x
