@@ -1,0 +1,71 @@
+"""The `hooked-llava` command line.
+
+    hooked-llava quickstart [--model shapes-llava]
+
+`quickstart` loads a model (the shipped Shapes LLaVA by default, or a tiny random one when no
+checkpoint is shipped), asks a question about a generated scene, and shows what the library
+exposes: the answer, the hook names, and where the answer forms across layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def _load(name: str | None):
+    from .loading import SHIPPED
+    from .model import HookedLlava
+
+    name = name or "shapes-llava"
+    if name == "shapes-llava" and not (SHIPPED / name).is_dir():
+        from .testing import random_images, tiny_model
+
+        print("(no shipped Shapes checkpoint found: using a tiny random LLaVA)")
+        model, _ = tiny_model()
+        return model, random_images(1)[0], "What is the color of the circle?"
+    model = HookedLlava.from_pretrained(name)
+    from .shapes import ShapesWorld
+
+    example = ShapesWorld(seed=2024).example(0, "Colour")
+    return model, example.image, example.question
+
+
+def quickstart(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    model, image, question = _load(args.model)
+    print(f"loaded {model.cfg.original_architecture}: {model.cfg.n_layers} layers × {model.cfg.n_heads} heads, "
+          f"d_model {model.cfg.d_model}, {len(model.hook_dict)} hook points")
+    inputs = model.prepare(images=[image], questions=[question])
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(inputs)
+    probs = logits[0, -1].softmax(-1)
+    answer = int(probs.argmax())
+    print(f"Q: {question}\nA: {model.to_string([answer])!r} (p = {probs[answer]:.3f})")
+    print(f"image tokens: {int(inputs.mask('image').sum())} on a {inputs.grid_size}×{inputs.grid_size} grid; "
+          f"question tokens: {model.to_str_tokens(inputs.input_ids[0][inputs.mask('question')[0]])}")
+    print("logit lens at the last position (rank of the answer after each layer):")
+    for layer in range(model.cfg.n_layers):
+        resid = cache[f"blocks.{layer}.hook_resid_post"][0, -1]
+        lens = model.unembed(model.ln_final(resid[None, None]))[0, 0]
+        rank = int((lens > lens[answer]).sum())
+        print(f"  layer {layer:2d}: rank {rank:4d}  p = {lens.softmax(-1)[answer]:.3f}")
+    print(f"done in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hooked-llava", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    quick = sub.add_parser("quickstart", help="run a question through a model and show its internals")
+    quick.add_argument("--model", default=None, help="shipped name, local directory or hub id")
+    quick.set_defaults(run=quickstart)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
