@@ -92,7 +92,7 @@ def convert_llama(src: _Keys, cfgs: LlavaConfigs) -> dict[str, Tensor]:
 
 def convert_head(src: _Keys, cfgs: LlavaConfigs, embed: Tensor, tied: bool) -> dict[str, Tensor]:
     if tied and "weight" not in src.sd:
-        return {"w_u": embed}
+        return {"w_u": embed.clone()}  # untied copy: weight processing edits W_U in place
     return {"w_u": src.take("weight", (cfgs.lm.d_vocab_out, cfgs.lm.d_model))}
 
 

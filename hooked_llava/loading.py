@@ -107,9 +107,11 @@ class LoadingMixin:
         text = getattr(hf_config, "text_config", hf_config)
         tied = bool(getattr(hf_config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
         converted = convert(state, cfgs, tied=tied)
+        state.clear()  # the converted dict now holds the only references
         with torch.device("meta"):
             model = cls(cfgs, processor)  # type: ignore[call-arg]
-        converted = {k: v.to(dtype) for k, v in converted.items()}
+        for key in list(converted):  # cast one tensor at a time: peak memory stays near one copy
+            converted[key] = converted.pop(key).to(dtype)
         missing, unexpected = model.load_state_dict(converted, strict=False, assign=True)
         if missing or unexpected:
             raise CheckpointError(
