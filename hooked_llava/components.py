@@ -104,7 +104,9 @@ class Attention(nn.Module):
     otherwise `scaled_dot_product_attention` computes the same thing fused.
     """
 
-    def __init__(self, d_model: int, n_heads: int, d_head: int, n_kv_heads: int, bias: bool, rotary: bool):
+    def __init__(
+        self, d_model: int, n_heads: int, d_head: int, n_kv_heads: int, bias: bool, rotary: bool, o_bias: bool | None = None
+    ):
         super().__init__()
         self.n_heads, self.d_head, self.n_kv_heads = n_heads, d_head, n_kv_heads
         self.rotary = rotary
@@ -114,7 +116,7 @@ class Attention(nn.Module):
         self.w_o = _param(d_model, n_heads * d_head)
         for name, size in (("b_q", n_heads * d_head), ("b_k", n_kv_heads * d_head), ("b_v", n_kv_heads * d_head)):
             self.register_parameter(name, _param(size) if bias else None)
-        self.b_o = _param(d_model) if bias else None
+        self.b_o = _param(d_model) if (bias if o_bias is None else o_bias) else None
         names = ["hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z", "hook_result"]
         if rotary:
             names[3:3] = ["hook_rot_q", "hook_rot_k"]

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from transformer_lens.config import TransformerLensConfig
 
-SUPPORTED_TEXT_MODELS = ("llama",)
+SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
+TEXT_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "quick_gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 SELECT_STRATEGIES = ("default", "full")
 
@@ -29,8 +30,10 @@ class LanguageConfig(TransformerLensConfig):
 
     d_vocab_out: int = -1
     rope_theta: float = 10000.0
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k and v
+    output_bias: bool = False  # bias on the attention output projection
     mlp_bias: bool = False
+    layer_windows: tuple[int | None, ...] = ()  # per layer: sliding-window size, or None for full attention
     positional_embedding_type: str = "rotary"
     normalization_type: str | None = "RMS"
     uses_rms_norm: bool = True
@@ -41,8 +44,8 @@ class LanguageConfig(TransformerLensConfig):
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-    model_name: str = "llava"
-    original_architecture: str = "LlavaForConditionalGeneration"
+    model_name: str = "llama"
+    original_architecture: str = "LlamaForCausalLM"
 
     @property
     def n_kv_heads(self) -> int:
@@ -119,6 +122,8 @@ def language_config(text: Any, dtype: torch.dtype, device: str | None = None) ->
             "embeddings are implemented. Remove `rope_scaling` from the config or use HF directly."
         )
     n_heads = text.num_attention_heads
+    qkv_bias = bool(getattr(text, "attention_bias", False)) or text.model_type == "qwen2"
+    o_bias = bool(getattr(text, "attention_bias", False)) and text.model_type != "qwen2"
     d_head = getattr(text, "head_dim", None) or text.hidden_size // n_heads
     return LanguageConfig(
         d_model=text.hidden_size,
@@ -133,14 +138,31 @@ def language_config(text: Any, dtype: torch.dtype, device: str | None = None) ->
         eps=text.rms_norm_eps,
         act_fn=_check_act(text.hidden_act, "the language model"),
         rope_theta=float(rope.get("rope_theta", getattr(text, "rope_theta", 10000.0))),
-        attention_bias=bool(getattr(text, "attention_bias", False)),
+        attention_bias=qkv_bias,
+        output_bias=o_bias,
         mlp_bias=bool(getattr(text, "mlp_bias", False)),
+        layer_windows=_layer_windows(text),
+        model_name=text.model_type,
+        original_architecture=TEXT_ARCHITECTURES[text.model_type],
         pad_token_id=getattr(text, "pad_token_id", None),
         bos_token_id=getattr(text, "bos_token_id", None),
         eos_token_id=getattr(text, "eos_token_id", None),
         dtype=dtype,
         device=device or "cpu",
     )
+
+
+def _layer_windows(text: Any) -> tuple[int | None, ...]:
+    """Sliding-window size of every layer, as HF applies it (Mistral: all layers; Qwen2: the
+    layers `layer_types` marks "sliding_attention" when `use_sliding_window` is set)."""
+    window = getattr(text, "sliding_window", None)
+    n = text.num_hidden_layers
+    if text.model_type == "mistral":
+        return (window,) * n
+    if text.model_type == "qwen2" and getattr(text, "use_sliding_window", False) and window:
+        types = getattr(text, "layer_types", None) or ["full_attention"] * n
+        return tuple(window if t == "sliding_attention" else None for t in types)
+    return (None,) * n
 
 
 def _feature_layers(layer: int | list[int], n_layers: int) -> tuple[tuple[int, ...], int]:
@@ -198,13 +220,13 @@ def configs_from_hf(hf_config: Any, dtype: torch.dtype | None = None) -> LlavaCo
     if hf_config.model_type != "llava":
         if hf_config.model_type in SUPPORTED_TEXT_MODELS:
             lm = language_config(hf_config, dtype)
-            lm.original_architecture = "LlamaForCausalLM"
             return LlavaConfigs(lm=lm, vision=None, projector=None, hf_config=hf_config)
         raise UnsupportedConfigError(
             f"model type {hf_config.model_type!r} is not supported; HookedLlava loads 'llava' "
             f"(LlavaForConditionalGeneration) and text-only {', '.join(SUPPORTED_TEXT_MODELS)} models."
         )
     lm = language_config(hf_config.text_config, dtype)
+    lm.original_architecture = "LlavaForConditionalGeneration"
     lm.image_token_id = hf_config.image_token_id
     vision = vision_config(
         hf_config.vision_config,

@@ -77,7 +77,7 @@ def convert_llama(src: _Keys, cfgs: LlavaConfigs) -> dict[str, Tensor]:
             if c.attention_bias:
                 out[q + f"attn.b_{ours}"] = src.take(p + f"self_attn.{theirs}.bias", (rows,))
         out[q + "attn.w_o"] = src.take(p + "self_attn.o_proj.weight", (d, hd))
-        if c.attention_bias:
+        if c.output_bias:
             out[q + "attn.b_o"] = src.take(p + "self_attn.o_proj.bias", (d,))
         for ours, theirs, shape in (
             ("gate", "gate_proj", (mlp, d)),

@@ -32,7 +32,9 @@ KV = list[tuple[Tensor, Tensor]]
 
 def _lm_block(cfg: LanguageConfig) -> TransformerBlock:
     return TransformerBlock(
-        Attention(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.n_kv_heads, cfg.attention_bias, rotary=True),
+        Attention(
+            cfg.d_model, cfg.n_heads, cfg.d_head, cfg.n_kv_heads, cfg.attention_bias, rotary=True, o_bias=cfg.output_bias
+        ),
         GatedMLP(cfg.d_model, cfg.d_mlp or 4 * cfg.d_model, cfg.act_fn, cfg.mlp_bias),
         RMSNorm(cfg.d_model, cfg.eps),
         RMSNorm(cfg.d_model, cfg.eps),
@@ -134,23 +136,29 @@ class HookedLlava(LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, Hook
     ) -> tuple[Tensor, KV]:
         """Run blocks `start..stop-1`; returns the residual and each block's new (key, value)."""
         n_past = 0 if past is None else past[0][0].shape[1]
-        mask = self.additive_mask(mask2d, x.shape[1], n_past, x.dtype)
+        windows = self.cfg.layer_windows or (None,) * self.cfg.n_layers
+        masks = {w: self.additive_mask(mask2d, x.shape[1], n_past, x.dtype, w) for w in set(windows[start:stop])}
         rotary = rotary_cos_sin(position_ids, self.cfg.d_head, self.cfg.rope_theta, x.dtype)
         kvs: KV = []
         for i, block in enumerate(self.blocks[start:stop], start=start):
-            x, kv = block(x, mask, rotary, None if past is None else past[i])
+            x, kv = block(x, masks[windows[i]], rotary, None if past is None else past[i])
             kvs.append(kv)
         return x, kvs
 
-    def additive_mask(self, mask2d: Tensor | None, n_q: int, n_past: int, dtype: torch.dtype) -> Tensor | None:
-        """`[batch, 1, q, k]` mask with `finfo.min` where attention is forbidden, or None when
-        causal masking alone suffices (the attention then uses the fused causal kernel)."""
-        if n_past == 0 and (mask2d is None or bool(mask2d.all())):
-            return None
+    def additive_mask(
+        self, mask2d: Tensor | None, n_q: int, n_past: int, dtype: torch.dtype, window: int | None = None
+    ) -> Tensor | None:
+        """`[batch, 1, q, k]` mask with `finfo.min` where attention is forbidden (future keys,
+        padding, keys beyond a sliding window), or None when causal masking alone suffices
+        (the attention then uses the fused causal kernel)."""
         n_k = n_past + n_q
+        if n_past == 0 and (mask2d is None or bool(mask2d.all())) and (window is None or window >= n_k):
+            return None
         if mask2d is None:
             mask2d = torch.ones(1, n_k, dtype=torch.long, device=self.w_e.device)
         allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=mask2d.device).tril(n_past)
+        if window is not None:  # HF: key index > query index - window (absolute sequence indices)
+            allowed &= torch.ones_like(allowed).triu(n_past - window + 1)
         allowed = allowed[None] & mask2d[:, None, -n_k:].bool()
         zeros = torch.zeros(allowed.shape, dtype=dtype, device=mask2d.device)
         return zeros.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
