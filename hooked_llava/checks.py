@@ -32,8 +32,9 @@ def names_filter(filter: Any, hook_dict: Mapping[str, Any]) -> None:
             hook_name(name, hook_dict)
 
 
-def pixel_values(pixels: Any, cfg: VisionConfig, dtype: torch.dtype) -> None:
-    expected = f"[n_images, {cfg.n_channels}, {cfg.image_size}, {cfg.image_size}]"
+def pixel_values(pixels: Any, cfg: VisionConfig, dtype: torch.dtype, tiles: bool = False) -> None:
+    tile = "n_tiles, " if tiles else ""
+    expected = f"[n_images, {tile}{cfg.n_channels}, {cfg.image_size}, {cfg.image_size}]"
     if not isinstance(pixels, Tensor):
         raise TypeError(f"pixel_values must be a tensor {expected}, got {type(pixels).__name__}.")
     if not pixels.is_floating_point():
@@ -41,21 +42,22 @@ def pixel_values(pixels: Any, cfg: VisionConfig, dtype: torch.dtype) -> None:
             f"pixel_values must be floating point (normalised by the image processor), got {pixels.dtype}. "
             "Use `model.prepare(images=...)` or the model's processor to make them."
         )
-    if tuple(pixels.shape[1:]) != (cfg.n_channels, cfg.image_size, cfg.image_size) or pixels.ndim != 4:
+    ndim = 5 if tiles else 4
+    if tuple(pixels.shape[-3:]) != (cfg.n_channels, cfg.image_size, cfg.image_size) or pixels.ndim != ndim:
         raise ValueError(
             f"pixel_values has shape {tuple(pixels.shape)}, but this vision tower expects {expected}. "
             "Resize and crop images with the model's processor (`model.prepare`)."
         )
 
 
-def image_feature_count(inputs: LlavaInputs, features: Tensor) -> None:
+def image_feature_count(inputs: LlavaInputs, features: list[Tensor]) -> None:
     n_tokens = int(inputs.image_mask.sum())
-    n_features = features.shape[0] * features.shape[1]
-    if n_tokens != n_features:
+    per_image = [f.shape[0] for f in features]
+    if n_tokens != sum(per_image):
         raise ValueError(
-            f"the prompts hold {n_tokens} image placeholder tokens but the {features.shape[0]} image(s) give "
-            f"{n_features} features ({features.shape[1]} per image). Each `<image>` must be expanded to "
-            f"{features.shape[1]} placeholders: build inputs with `model.prepare` or the model's processor."
+            f"the prompts hold {n_tokens} image placeholder tokens but the {len(per_image)} image(s) give "
+            f"{sum(per_image)} features ({', '.join(map(str, per_image))} per image). Each `<image>` must be "
+            "expanded to its image's number of features: build inputs with `model.prepare` or the model's processor."
         )
 
 
@@ -71,7 +73,7 @@ def inputs(x: LlavaInputs, model: HookedLlava) -> None:
             "shorten the prompt."
         )
     if x.pixel_values is not None and model.vision is not None:
-        pixel_values(x.pixel_values, model.vision.cfg, model.w_e.dtype)
+        pixel_values(x.pixel_values, model.vision.cfg, model.w_e.dtype, tiles=model.cfgs.pinpoints is not None)
     n_placeholders = int(x.image_mask.sum())
     if x.pixel_values is None and n_placeholders:
         raise ValueError(
@@ -83,3 +85,16 @@ def inputs(x: LlavaInputs, model: HookedLlava) -> None:
             "pixel_values were given but the input has no `<image>` placeholder tokens, so the image would be "
             "ignored. Put `<image>` in the prompt (e.g. 'USER: <image>\\n...') or drop the image."
         )
+
+
+def image_sizes(sizes: Any, n_images: int) -> list[tuple[int, int]]:
+    """LLaVA-NeXT needs each image's original `(height, width)` to tile and unpad it."""
+    if sizes is None:
+        raise ValueError(
+            "LLaVA-NeXT inputs need `image_sizes` (each image's original (height, width)); "
+            "`model.prepare` records them, or pass the processor's `image_sizes=`."
+        )
+    sizes = [tuple(int(v) for v in s) for s in (sizes.tolist() if isinstance(sizes, Tensor) else sizes)]
+    if len(sizes) != n_images:
+        raise ValueError(f"got {len(sizes)} image_sizes for {n_images} images; give one (height, width) per image.")
+    return sizes

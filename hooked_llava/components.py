@@ -105,7 +105,14 @@ class Attention(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, n_heads: int, d_head: int, n_kv_heads: int, bias: bool, rotary: bool, o_bias: bool | None = None
+        self,
+        d_model: int,
+        n_heads: int,
+        d_head: int,
+        n_kv_heads: int,
+        bias: bool,
+        rotary: bool,
+        o_bias: bool | None = None,
     ):
         super().__init__()
         self.n_heads, self.d_head, self.n_kv_heads = n_heads, d_head, n_kv_heads

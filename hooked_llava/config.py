@@ -96,6 +96,7 @@ class LlavaConfigs:
     vision: VisionConfig | None
     projector: ProjectorConfig | None
     hf_config: Any = field(default=None, repr=False)
+    pinpoints: tuple[tuple[int, int], ...] | None = None  # LLaVA-NeXT anyres grid resolutions (height, width)
 
 
 def _check_act(name: str, where: str) -> str:
@@ -217,16 +218,22 @@ def vision_config(v: Any, feature_layer: int | list[int], strategy: str, dtype: 
 def configs_from_hf(hf_config: Any, dtype: torch.dtype | None = None) -> LlavaConfigs:
     """Build all configs from a `LlavaConfig` (or a plain Llama config for text-only models)."""
     dtype = dtype or torch.float32
-    if hf_config.model_type != "llava":
+    if hf_config.model_type not in ("llava", "llava_next"):
         if hf_config.model_type in SUPPORTED_TEXT_MODELS:
             lm = language_config(hf_config, dtype)
             return LlavaConfigs(lm=lm, vision=None, projector=None, hf_config=hf_config)
         raise UnsupportedConfigError(
-            f"model type {hf_config.model_type!r} is not supported; HookedLlava loads 'llava' "
-            f"(LlavaForConditionalGeneration) and text-only {', '.join(SUPPORTED_TEXT_MODELS)} models."
+            f"model type {hf_config.model_type!r} is not supported; HookedLlava loads 'llava', 'llava_next' "
+            f"and text-only {', '.join(SUPPORTED_TEXT_MODELS)} models."
         )
     lm = language_config(hf_config.text_config, dtype)
-    lm.original_architecture = "LlavaForConditionalGeneration"
+    is_next = hf_config.model_type == "llava_next"
+    lm.original_architecture = "LlavaNextForConditionalGeneration" if is_next else "LlavaForConditionalGeneration"
+    if is_next and hf_config.vision_feature_select_strategy != "default":
+        raise UnsupportedConfigError(
+            "LLaVA-NeXT tiles need the 'default' vision_feature_select_strategy (CLS dropped); "
+            f"got {hf_config.vision_feature_select_strategy!r}."
+        )
     lm.image_token_id = hf_config.image_token_id
     vision = vision_config(
         hf_config.vision_config,
@@ -240,4 +247,5 @@ def configs_from_hf(hf_config: Any, dtype: torch.dtype | None = None) -> LlavaCo
         act_fn=_check_act(hf_config.projector_hidden_act, "the projector"),
         bias=bool(getattr(hf_config, "multimodal_projector_bias", True)),
     )
-    return LlavaConfigs(lm=lm, vision=vision, projector=projector, hf_config=hf_config)
+    pinpoints = tuple(tuple(p) for p in hf_config.image_grid_pinpoints) if is_next else None
+    return LlavaConfigs(lm=lm, vision=vision, projector=projector, hf_config=hf_config, pinpoints=pinpoints)

@@ -26,6 +26,8 @@ PREFIXES = (
     ("vision_tower.", "vision"),
     ("model.multi_modal_projector.", "projector"),
     ("multi_modal_projector.", "projector"),
+    ("model.image_newline", "newline"),  # LLaVA-NeXT
+    ("image_newline", "newline"),
     ("model.", "lm"),  # text-only LlamaForCausalLM
 )
 # Keys a checkpoint may carry that HookedLlava deliberately does not use.
@@ -141,7 +143,14 @@ def convert_projector(src: _Keys, cfgs: LlavaConfigs) -> dict[str, Tensor]:
 
 def split(sd: dict[str, Tensor], multimodal: bool) -> dict[str, dict[str, Tensor]]:
     """Group checkpoint keys by sub-model, stripping either layout's prefix."""
-    parts: dict[str, dict[str, Tensor]] = {"lm": {}, "head": {}, "vision": {}, "projector": {}, "unknown": {}}
+    parts: dict[str, dict[str, Tensor]] = {
+        "lm": {},
+        "head": {},
+        "vision": {},
+        "projector": {},
+        "newline": {},
+        "unknown": {},
+    }
     for key, tensor in sd.items():
         for prefix, part in PREFIXES:
             if key.startswith(prefix) and (multimodal or part in ("lm", "head")):
@@ -165,6 +174,8 @@ def convert(sd: dict[str, Tensor], cfgs: LlavaConfigs, tied: bool = False) -> di
     if multimodal:
         out.update(convert_clip_vision(keys["vision"], cfgs))
         out.update(convert_projector(keys["projector"], cfgs))
+    if cfgs.pinpoints is not None:
+        out["image_newline"] = keys["newline"].take("", (cfgs.lm.d_model,))
     extra = [k for src in keys.values() for k in src.leftover()]
     if extra:
         raise CheckpointError(f"checkpoint has {len(extra)} unexpected key(s): {sorted(extra)[:10]}")

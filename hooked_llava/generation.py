@@ -36,6 +36,7 @@ class GenerationMixin:
         *,
         pixel_values: Tensor | None = None,
         attention_mask: Tensor | None = None,
+        image_sizes: Any = None,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,
@@ -53,7 +54,7 @@ class GenerationMixin:
         Returns:
             `[batch, prompt + new]` token ids: the prompt followed by the generated tokens.
         """
-        inputs = self.as_inputs(input, pixel_values, attention_mask)  # type: ignore[attr-defined]
+        inputs = self.as_inputs(input, pixel_values, attention_mask, image_sizes)  # type: ignore[attr-defined]
         eos = self.cfg.eos_token_id if eos_token_id == -1 else eos_token_id
         eos_ids = torch.as_tensor([] if eos is None else eos, device=inputs.input_ids.device).reshape(-1)
         pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else (int(eos_ids[0]) if len(eos_ids) else 0)

@@ -10,6 +10,8 @@ from jaxtyping import Bool
 from torch import Tensor
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from .inputs import LlavaInputs
 
 Box = tuple[float | int, float | int, float | int, float | int]  # (x0, y0, x1, y1)
@@ -49,6 +51,8 @@ def related_mask(inputs: LlavaInputs) -> Bool[Tensor, "batch pos"]:
         raise ValueError(
             "the 'related' role needs the original image sizes and the processor's crop; use model.prepare."
         )
+    if inputs.token_tables is not None:
+        return _related_by_overlap(inputs)
     patch = inputs.crop[1] // inputs.grid_size
     rc, image_of = inputs.patch_rc(), inputs.image_index()
     mask = torch.zeros_like(inputs.input_ids, dtype=torch.bool)
@@ -61,3 +65,61 @@ def related_mask(inputs: LlavaInputs) -> Bool[Tensor, "batch pos"]:
             )
             mask[row, pos] = (r, c) in cells
     return mask
+
+
+def _related_by_overlap(inputs: LlavaInputs) -> Bool[Tensor, "batch pos"]:
+    """LLaVA-NeXT: image tokens whose recorded pixel box overlaps any of the row's boxes."""
+    table = image_map(inputs)
+    mask = torch.zeros_like(inputs.input_ids, dtype=torch.bool)
+    for t in table.itertuples():
+        boxes = inputs.boxes[t.row] if inputs.boxes else []
+        mask[t.row, t.pos] = t.kind != "newline" and any(
+            t.x0 < x1 and x0 < t.x1 and t.y0 < y1 and y0 < t.y1 for x0, y0, x1, y1 in boxes
+        )
+    return mask
+
+
+def cell_box(r: int, c: int, image_size: tuple[int, int], crop: tuple[int, int], patch: int) -> tuple[float, ...]:
+    """Original-image pixel box of grid cell (r, c) of a resized and centre-cropped image."""
+    height, width = image_size
+    shortest, side = crop
+    new_h = shortest if height <= width else int(shortest * height / width)
+    new_w = shortest if width <= height else int(shortest * width / height)
+    top, left = (new_h - side) // 2, (new_w - side) // 2
+    sy, sx = new_h / height, new_w / width
+    return (
+        (c * patch + left) / sx,
+        (r * patch + top) / sy,
+        ((c + 1) * patch + left) / sx,
+        ((r + 1) * patch + top) / sy,
+    )
+
+
+def image_map(inputs: LlavaInputs) -> pd.DataFrame:
+    """One row per image token: batch `row`, `pos`, `image`, `kind` ("base", "highres",
+    "newline"), vision-batch `tile`, `grid_row`/`grid_col` (base or unpadded high-res grid),
+    `tile_row`/`tile_col` (the patch inside the tile) and the pixel box `x0, y0, x1, y1` it
+    covers in the original image."""
+    import pandas as pd
+
+    mask, image_of = inputs.image_mask, inputs.image_index()
+    rows, positions = mask.nonzero(as_tuple=True)
+    if inputs.token_tables is not None:
+        table = [t for per_image in inputs.token_tables for t in per_image]
+    else:
+        rc = inputs.patch_rc()[mask].tolist()
+        patch = inputs.crop[1] // inputs.grid_size if inputs.crop else 0
+        table = []
+        for (r, c), img in zip(rc, image_of[mask].tolist(), strict=True):
+            size = inputs.image_sizes[img] if inputs.image_sizes and inputs.crop else None
+            box = cell_box(r, c, size, inputs.crop, patch) if size and r >= 0 else None
+            table.append(("base" if r >= 0 else "cls", 0, r, c, r, c, box))
+    nan = (float("nan"),) * 4
+    records = [
+        (int(row), int(pos), int(img), kind, tile, gr, gc, tr, tc, *(box or nan))
+        for row, pos, img, (kind, tile, gr, gc, tr, tc, box) in zip(
+            rows.tolist(), positions.tolist(), image_of[mask].tolist(), table, strict=True
+        )
+    ]
+    columns = ["row", "pos", "image", "kind", "tile", "grid_row", "grid_col", "tile_row", "tile_col"]
+    return pd.DataFrame(records, columns=columns + ["x0", "y0", "x1", "y1"])

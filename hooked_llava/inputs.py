@@ -60,6 +60,7 @@ class LlavaInputs:
     image_sizes: list[tuple[int, int]] | None = None
     crop: tuple[int, int] | None = None
     texts: list[str] | None = field(default=None, repr=False)
+    token_tables: list[list[tuple]] | None = field(default=None, repr=False)  # LLaVA-NeXT, see `image_map`
 
     # --- shapes and moving -----------------------------------------------------------------
     @property
@@ -105,6 +106,7 @@ class LlavaInputs:
             question_mask=None if self.question_mask is None else self.question_mask[rows],
             boxes=None if self.boxes is None else self.boxes[rows],
             image_sizes=None if self.image_sizes is None else [self.image_sizes[i] for i in keep],
+            token_tables=None if self.token_tables is None else [self.token_tables[i] for i in keep],
             texts=None if self.texts is None else self.texts[rows],
         )
 
@@ -129,6 +131,9 @@ class LlavaInputs:
         """For every image position, which image (row of `pixel_values`) it comes from; -1 elsewhere."""
         mask = self.image_mask
         order = mask.flatten().long().cumsum(0).view_as(mask) - 1
+        if self.token_tables is not None:  # LLaVA-NeXT: images have different token counts
+            ends = torch.tensor([len(t) for t in self.token_tables], device=mask.device).cumsum(0)
+            return torch.where(mask, torch.bucketize(order, ends, right=True), -1)
         per = max(self.tokens_per_image, 1)
         return torch.where(mask, order // per, -1)
 
@@ -143,6 +148,11 @@ class LlavaInputs:
     def patch_rc(self) -> Int[Tensor, "batch pos 2"]:
         """(row, column) in the patch grid of every image position; -1 elsewhere and for CLS."""
         mask = self.image_mask
+        if self.token_tables is not None:  # LLaVA-NeXT: base or high-res grid; -1 for newlines
+            cells = [(t[2], t[3]) if t[0] != "newline" else (-1, -1) for table in self.token_tables for t in table]
+            rc = torch.full((*mask.shape, 2), -1, dtype=torch.long, device=mask.device)
+            rc[mask] = torch.tensor(cells, dtype=torch.long, device=mask.device)
+            return rc
         order = mask.flatten().long().cumsum(0).view_as(mask) - 1
         j = order % max(self.tokens_per_image, 1) - int(self.has_cls)
         rc = torch.stack([j // max(self.grid_size, 1), j % max(self.grid_size, 1)], dim=-1)
@@ -171,6 +181,13 @@ class LlavaInputs:
             related = related_mask(self)
             return related if role == "related" else self.image_mask & ~related
         raise KeyError(f"unknown role {role!r}; use one of {ROLES} or an explicit list of positions.")
+
+    def image_map(self) -> Any:
+        """A DataFrame with one row per image token: where it sits in the sequence, which image,
+        tile and grid cell it comes from, and the pixel box it covers (see `geometry.image_map`)."""
+        from .geometry import image_map
+
+        return image_map(self)
 
     def positions(self, role: str | list[int] | Tensor) -> list[Int[Tensor, " n"]]:
         """Per row, the positions of a role name or an explicit list of positions."""
@@ -211,6 +228,7 @@ def prepare(
     input_ids: Tensor | None = None,
     pixel_values: Any = None,
     attention_mask: Tensor | None = None,
+    image_sizes: Any = None,
     padding_side: str = "left",
 ) -> LlavaInputs:
     """Build `LlavaInputs` with the model's HF processor, or wrap ids the caller tokenised.
@@ -227,7 +245,8 @@ def prepare(
     if input_ids is not None:
         if images is not None or prompts is not None or questions is not None:
             raise ValueError("give either input_ids (tokenised yourself) or images/prompts, not both.")
-        return wrap_ids(model, input_ids, pixel_values, attention_mask)
+        extra = {} if image_sizes is None else {"image_sizes": image_sizes}
+        return wrap_ids(model, input_ids, pixel_values, attention_mask, **extra)
     if questions is not None:
         questions = [questions] if isinstance(questions, str) else list(questions)
         if prompts is not None:

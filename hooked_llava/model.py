@@ -17,6 +17,7 @@ from transformer_lens import ActivationCache
 from transformer_lens.HookedRootModule import HookedRootModule
 
 from . import checks
+from . import next as next_
 from .components import Attention, GatedMLP, HookPoint, RMSNorm, TransformerBlock, rotary_cos_sin
 from .config import LanguageConfig, LlavaConfigs
 from .generation import GenerationMixin
@@ -33,7 +34,13 @@ KV = list[tuple[Tensor, Tensor]]
 def _lm_block(cfg: LanguageConfig) -> TransformerBlock:
     return TransformerBlock(
         Attention(
-            cfg.d_model, cfg.n_heads, cfg.d_head, cfg.n_kv_heads, cfg.attention_bias, rotary=True, o_bias=cfg.output_bias
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.d_head,
+            cfg.n_kv_heads,
+            cfg.attention_bias,
+            rotary=True,
+            o_bias=cfg.output_bias,
         ),
         GatedMLP(cfg.d_model, cfg.d_mlp or 4 * cfg.d_model, cfg.act_fn, cfg.mlp_bias),
         RMSNorm(cfg.d_model, cfg.eps),
@@ -58,6 +65,10 @@ class HookedLlava(LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, Hook
         self.processor = processor
         self.vision = VisionTower(cfgs.vision) if cfgs.vision is not None else None
         self.projector = Projector(cfgs.projector) if cfgs.projector is not None else None
+        if cfgs.pinpoints is not None:  # LLaVA-NeXT
+            self.image_newline = nn.Parameter(torch.empty(self.cfg.d_model))
+            self.hook_image_newline = HookPoint()  # [rows, d_model]: the newline vectors of one image
+            self.hook_image_features = HookPoint()  # [n_image_tokens, d_model]: all images, packed, before the merge
         self.w_e = nn.Parameter(torch.empty(self.cfg.d_vocab, self.cfg.d_model))
         self.hook_embed = HookPoint()  # merged sequence: tokens at text, image features at image positions
         self.blocks = nn.ModuleList(_lm_block(self.cfg) for _ in range(self.cfg.n_layers))
@@ -72,6 +83,7 @@ class HookedLlava(LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, Hook
         pixel_values: Any = None,  # validated by `checks` with a message that says how to fix it
         attention_mask: Tensor | None = None,
         *,
+        image_sizes: Any = None,
         return_type: ReturnType = "logits",
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
@@ -85,11 +97,12 @@ class HookedLlava(LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, Hook
                 `pixel_values` when they hold `<image>` placeholders), or text.
             pixel_values: `[n_images, channels, height, width]`, HF-style.
             attention_mask: `[batch, pos]`, 1 for real tokens, 0 for padding (left or right).
+            image_sizes: LLaVA-NeXT only, each image's original `(height, width)`.
             return_type: "logits", "loss" (mean next-token loss over real tokens), "both" or None.
             start_at_layer: begin at this block with `residual` as its `resid_pre`.
             stop_at_layer: return the residual stream before this block instead of logits.
         """
-        inputs = self.as_inputs(input, pixel_values, attention_mask)
+        inputs = self.as_inputs(input, pixel_values, attention_mask, image_sizes)
         mask2d = inputs.attention_mask
         if position_ids is None:
             position_ids = inputs.position_ids()
@@ -110,20 +123,38 @@ class HookedLlava(LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, Hook
         ids = inputs.input_ids
         embeds = F.embedding(ids, self.w_e)
         if inputs.pixel_values is not None:
-            features = self.image_features(inputs.pixel_values)
-            checks.image_feature_count(inputs, features)
+            per_image = self.image_features(inputs.pixel_values, inputs.image_sizes)
+            checks.image_feature_count(inputs, per_image)
+            features = torch.cat(per_image)
+            if self.cfgs.pinpoints is not None:
+                features = self.hook_image_features(features)
             placeholder = inputs.image_mask.unsqueeze(-1)
             embeds = embeds.masked_scatter(placeholder, features.to(embeds.dtype))
         return self.hook_embed(embeds)
 
-    def image_features(
-        self, pixel_values: Float[Tensor, "n_images channel h w"]
-    ) -> Float[Tensor, "n_images n_tokens d_model"]:
-        """Vision tower and projector: the vectors that replace each image's placeholders."""
+    def image_features(self, pixel_values: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> list[Tensor]:
+        """Vision tower and projector: per image, the `[n_tokens, d_model]` vectors that replace
+        its placeholders (for LLaVA-NeXT: base view, unpadded high-res rows and newlines)."""
         if self.vision is None or self.projector is None:
             raise ValueError("this is a text-only model: it has no vision tower; drop the image inputs.")
-        checks.pixel_values(pixel_values, self.vision.cfg, self.w_e.dtype)
-        return self.projector(self.vision(pixel_values.to(self.w_e.device, self.w_e.dtype)))
+        tiled = self.cfgs.pinpoints is not None
+        checks.pixel_values(pixel_values, self.vision.cfg, self.w_e.dtype, tiles=tiled)
+        pixel_values = pixel_values.to(self.w_e.device, self.w_e.dtype)
+        if not tiled:
+            return list(self.projector(self.vision(pixel_values)))
+        layouts = self.layouts(checks.image_sizes(image_sizes, pixel_values.shape[0]))
+        tiles = torch.cat([px[: lay.n_vision_rows] for px, lay in zip(pixel_values, layouts, strict=True)])
+        features = self.projector(self.vision(tiles)).split([lay.n_vision_rows for lay in layouts])
+        return [
+            next_.pack(f, lay, self.hook_image_newline(self.image_newline.expand(lay.rows, -1)))
+            for f, lay in zip(features, layouts, strict=True)
+        ]
+
+    def layouts(self, image_sizes: list[tuple[int, int]]) -> list[next_.Layout]:
+        """LLaVA-NeXT tiling of each image, from its original `(height, width)`."""
+        assert self.vision is not None and self.cfgs.pinpoints is not None
+        v = self.vision.cfg
+        return [next_.make_layout(tuple(s), list(self.cfgs.pinpoints), v.image_size, v.patch_size) for s in image_sizes]
 
     def run_blocks(
         self,
@@ -183,16 +214,20 @@ class HookedLlava(LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, Hook
         return losses[keep].mean()
 
     # --- inputs ---------------------------------------------------------------------------
-    def as_inputs(self, input: Any, pixel_values: Any = None, attention_mask: Tensor | None = None) -> LlavaInputs:
+    def as_inputs(
+        self, input: Any, pixel_values: Any = None, attention_mask: Tensor | None = None, image_sizes: Any = None
+    ) -> LlavaInputs:
         """Coerce whatever `forward` was given into a validated `LlavaInputs` on the model's device."""
         if isinstance(input, LlavaInputs):
-            if pixel_values is not None or attention_mask is not None:
+            if pixel_values is not None or attention_mask is not None or image_sizes is not None:
                 raise ValueError("pass pixel_values/attention_mask inside the LlavaInputs, not beside it.")
             inputs = input
         else:
             if isinstance(input, (str, list)) and (not isinstance(input, list) or isinstance(input[0], str)):
                 input = self.to_tokens(input)
-            inputs = self.prepare(input_ids=input, pixel_values=pixel_values, attention_mask=attention_mask)
+            inputs = self.prepare(
+                input_ids=input, pixel_values=pixel_values, attention_mask=attention_mask, image_sizes=image_sizes
+            )
         checks.inputs(inputs, self)
         return inputs.to(self.w_e.device)
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import checks
+from . import next as next_
 from .inputs import LlavaInputs
 
 if TYPE_CHECKING:
@@ -25,8 +26,13 @@ def wrap_ids(
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(ids.shape)}.")
     vision = model.vision.cfg if model.vision is not None else None
+    tiled = model.cfgs.pinpoints is not None
     if pixel_values is not None and vision is not None:
-        checks.pixel_values(pixel_values, vision, model.w_e.dtype)
+        checks.pixel_values(pixel_values, vision, model.w_e.dtype, tiles=tiled)
+        if tiled:
+            sizes = checks.image_sizes(extra.get("image_sizes"), pixel_values.shape[0])
+            layouts = model.layouts(sizes)
+            extra.update(image_sizes=sizes, token_tables=[next_.token_table(lay, vision.patch_size) for lay in layouts])
     return LlavaInputs(
         input_ids=ids,
         attention_mask=mask.long(),
@@ -103,6 +109,8 @@ def encode(
     per_image = model.vision.cfg.n_image_tokens if model.vision is not None else 0
     question = _question_mask(out["offset_mapping"], prompts, spans, image_token, per_image)
     sizes = [(im.height, im.width) if hasattr(im, "height") else tuple(im.shape[-2:]) for im in image_list or []]
+    if "image_sizes" in out:  # LLaVA-NeXT processors report them
+        sizes = [tuple(int(v) for v in s) for s in out["image_sizes"].tolist()]
     return wrap_ids(
         model,
         out["input_ids"],

@@ -137,3 +137,69 @@ def random_images(n: int, size: int = 32, seed: int = 0) -> list[Any]:
 
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def tiny_next_config(text_model: str = "llama", **overrides: Any) -> Any:
+    """A `LlavaNextConfig` with 32 px tiles (patch 8) and a few anyres grids, text model
+    "llama", "mistral" or "qwen2"."""
+    from transformers import LlavaNextConfig
+
+    base = tiny_llava_config(**overrides)
+    text = _text_config(text_model, base.text_config)
+    cfg = LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=text,
+        image_token_id=base.image_token_id,
+        vision_feature_layer=base.vision_feature_layer,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]],
+    )
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def _text_config(kind: str, llama: Any) -> Any:
+    """The Llama text config re-expressed as another architecture (same sizes)."""
+    from transformers import MistralConfig, Qwen2Config
+
+    if kind == "llama":
+        return llama
+    fields = {
+        k: getattr(llama, k)
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+            "pad_token_id",
+            "bos_token_id",
+            "eos_token_id",
+        )
+    }
+    if kind == "mistral":
+        return MistralConfig(**fields, sliding_window=24)
+    if kind == "qwen2":
+        return Qwen2Config(**fields, use_sliding_window=True, sliding_window=24, max_window_layers=1)
+    raise ValueError(f"unknown text model {kind!r}; use 'llama', 'mistral' or 'qwen2'.")
+
+
+def tiny_next_processor(image_size: int = 32, patch_size: int = 8) -> Any:
+    """A real `LlavaNextProcessor` for `tiny_next_config` (nearest resampling keeps patches local)."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    images = LlavaNextImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]],
+        resample=0,
+    )
+    return LlavaNextProcessor(
+        image_processor=images,
+        tokenizer=tiny_tokenizer(),
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )

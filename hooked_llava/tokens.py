@@ -14,6 +14,7 @@ class TokensMixin:
 
     processor: Any
     cfg: Any
+    cfgs: Any
     vision: Any
 
     @property
@@ -28,7 +29,7 @@ class TokensMixin:
         """Tokenise text; each `<image>` is expanded to the image's number of placeholder tokens."""
         texts = [input] if isinstance(input, str) else list(input)
         image_token = getattr(self.processor, "image_token", "<image>")
-        if self.vision is not None:
+        if self.vision is not None and self.cfgs.pinpoints is None:  # NeXT counts vary by image
             texts = [t.replace(image_token, image_token * self.vision.cfg.n_image_tokens) for t in texts]
         tok = self.tokenizer
         side, tok.padding_side = tok.padding_side, padding_side
