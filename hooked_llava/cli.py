@@ -1,5 +1,6 @@
 """The `hooked-llava` command line.
 
+    hooked-llava explain [--model NAME] [--image FILE] [--question TEXT | --prompt TEXT] [--out DIR]
     hooked-llava quickstart [--model shapes-llava]
 
 `quickstart` loads a model (the shipped Shapes LLaVA by default, or a tiny random one when no
@@ -37,16 +38,20 @@ def _load(name: str | None):
 def quickstart(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, image, question = _load(args.model)
-    print(f"loaded {model.cfg.original_architecture}: {model.cfg.n_layers} layers × {model.cfg.n_heads} heads, "
-          f"d_model {model.cfg.d_model}, {len(model.hook_dict)} hook points")
+    print(
+        f"loaded {model.cfg.original_architecture}: {model.cfg.n_layers} layers × {model.cfg.n_heads} heads, "
+        f"d_model {model.cfg.d_model}, {len(model.hook_dict)} hook points"
+    )
     inputs = model.prepare(images=[image], questions=[question])
     with torch.no_grad():
         logits, cache = model.run_with_cache(inputs)
     probs = logits[0, -1].softmax(-1)
     answer = int(probs.argmax())
     print(f"Q: {question}\nA: {model.to_string([answer])!r} (p = {probs[answer]:.3f})")
-    print(f"image tokens: {int(inputs.mask('image').sum())} on a {inputs.grid_size}×{inputs.grid_size} grid; "
-          f"question tokens: {model.to_str_tokens(inputs.input_ids[0][inputs.mask('question')[0]])}")
+    print(
+        f"image tokens: {int(inputs.mask('image').sum())} on a {inputs.grid_size}×{inputs.grid_size} grid; "
+        f"question tokens: {model.to_str_tokens(inputs.input_ids[0][inputs.mask('question')[0]])}"
+    )
     print("logit lens at the last position (rank of the answer after each layer):")
     for layer in range(model.cfg.n_layers):
         resid = cache[f"blocks.{layer}.hook_resid_post"][0, -1]
@@ -57,12 +62,42 @@ def quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def explain(args: argparse.Namespace) -> int:
+    from analyses.explain import explain as run_explain
+    from analyses.explain import write_html
+
+    start = time.perf_counter()
+    model, image, question = _load(args.model)
+    if args.image:
+        from PIL import Image
+
+        image = Image.open(args.image).convert("RGB")
+    if args.prompt:
+        inputs = model.prepare(images=[image], prompts=[args.prompt])
+    else:
+        question = args.question or question
+        inputs = model.prepare(images=[image], questions=[question])
+    print(f"explaining {question!r} with {model.cfg.original_architecture} ({model.cfg.n_layers} layers)")
+    report = run_explain(model, inputs, say=lambda msg: print(msg, flush=True))
+    path = write_html(report, args.out)
+    print(f"answer: {report.answer!r} (p = {report.probability:.3f})")
+    print(f"report written to {path} ({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hooked-llava", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     quick = sub.add_parser("quickstart", help="run a question through a model and show its internals")
     quick.add_argument("--model", default=None, help="shipped name, local directory or hub id")
     quick.set_defaults(run=quickstart)
+    exp = sub.add_parser("explain", help="explain one answer in an HTML report (default: the shipped Shapes model)")
+    exp.add_argument("--model", default=None, help="shipped name, local directory or hub id (default shapes-llava)")
+    exp.add_argument("--image", default=None, help="an image file (default: a generated Shapes scene)")
+    exp.add_argument("--question", default=None, help="the question, put in the LLaVA-1.5 template")
+    exp.add_argument("--prompt", default=None, help="a full prompt containing <image> instead of --question")
+    exp.add_argument("--out", default="hooked-llava-report", help="output directory (report.html and PNGs)")
+    exp.set_defaults(run=explain)
     args = parser.parse_args(argv)
     return args.run(args)
 
