@@ -144,7 +144,8 @@ def write_html(report: Report, out_dir: str | Path) -> Path:
     lens = report.tables["logit_lens"]
     body = [
         f'<section id="answer"><h2>Answer</h2><p class="question">Q: {html.escape(report.question)}</p>'
-        f'<p class="answer">A: <b>{html.escape(report.answer)}</b> with probability {report.probability:.3f}</p></section>',
+        f'<p class="answer">A: <b>{html.escape(report.answer)}</b> with probability '
+        f"{report.probability:.3f}</p></section>",
         '<section id="logit-lens"><h2>Where the answer forms (logit lens, last position)</h2>'
         + _img("logit_lens_prob", pngs["logit_lens_prob"])
         + _img("logit_lens_rank", pngs["logit_lens_rank"])

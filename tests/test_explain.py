@@ -20,7 +20,8 @@ window.addEventListener('load', () => {
     const s = document.getElementById(id);
     out.push(id + ':' + (s && s.innerText.trim().length > 0 ? 'ok' : 'missing'));
   }
-  for (const img of document.images) out.push(img.alt + ':' + (img.naturalWidth > 50 && img.naturalHeight > 50 ? 'ok' : 'empty'));
+  for (const img of document.images)
+    out.push(img.alt + ':' + (img.naturalWidth > 50 && img.naturalHeight > 50 ? 'ok' : 'empty'));
   const div = document.createElement('div'); div.id = 'check'; div.textContent = out.join(' ');
   document.body.appendChild(div);
 });
