@@ -170,14 +170,17 @@ class Attention(nn.Module):
             )
             return z.transpose(1, 2)
         groups = self.n_heads // self.n_kv_heads
-        kh, vh = kh.repeat_interleave(groups, dim=1), vh.repeat_interleave(groups, dim=1)
+        if groups > 1:
+            kh, vh = kh.repeat_interleave(groups, dim=1), vh.repeat_interleave(groups, dim=1)
         scores = torch.matmul(qh, kh.transpose(2, 3)) * scale
         if mask is not None:
             scores = scores + mask
         elif self.rotary and q.shape[1] > 1:
             scores = scores + causal_mask(q.shape[1], q.shape[1], q.dtype, q.device)
         scores = self.hook_attn_scores(scores)
-        pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+        # fp32 softmax as HF does (fp64 stays fp64, where finfo(fp64).min would overflow fp32)
+        softmax_dtype = torch.promote_types(q.dtype, torch.float32)
+        pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype))
         return torch.matmul(pattern, vh).transpose(1, 2)
 
     def _project(self, z: Float[Tensor, "batch pos n_heads d_head"]) -> Float[Tensor, "batch pos d_model"]:

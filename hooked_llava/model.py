@@ -165,7 +165,19 @@ class HookedLlava(LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, Hook
         stop: int | None = None,
         past: KV | None = None,
     ) -> tuple[Tensor, KV]:
-        """Run blocks `start..stop-1`; returns the residual and each block's new (key, value)."""
+        """Run blocks `start..stop-1` on the residual `x` (part of the public API, used by the
+        analyses to resume from cached residuals).
+
+        Args:
+            x: `[batch, pos, d_model]` residual entering block `start`.
+            mask2d: `[batch, past + pos]` attention mask (1 = real token), or None.
+            position_ids: `[batch, pos]` rotary positions of the new tokens.
+            past: per layer (indexed by absolute layer), the cached rotated `(key, value)`
+                `[batch, past, n_kv_heads, d_head]` of earlier positions.
+
+        Returns:
+            The residual after block `stop - 1` and, per block run, its `(key, value)` including `past`.
+        """
         n_past = 0 if past is None else past[0][0].shape[1]
         windows = self.cfg.layer_windows or (None,) * self.cfg.n_layers
         masks = {w: self.additive_mask(mask2d, x.shape[1], n_past, x.dtype, w) for w in set(windows[start:stop])}
@@ -245,6 +257,20 @@ class HookedLlava(LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, Hook
         if not return_cache_object:
             return out, cache
         return out, ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+
+    def remove_all_hook_fns(
+        self, direction: Literal["fwd", "bwd", "both"] = "both", including_permanent: bool = False, level: Any = None
+    ) -> None:
+        """As TransformerLens', but only visits hook points that hold hooks: resetting after every
+        patched run would otherwise walk hundreds of empty points."""
+        for hp in self.hook_dict.values():
+            if hp.fwd_hooks or hp.bwd_hooks:
+                hp.remove_hooks(direction, including_permanent=including_permanent, level=level)
+
+    def clear_contexts(self) -> None:
+        for hp in self.hook_dict.values():
+            if hp.ctx:
+                hp.clear_context()
 
     def _enable_hook(self, name: Any, hook: Any, dir: Literal["fwd", "bwd"]) -> None:
         if isinstance(name, str):

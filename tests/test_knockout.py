@@ -1,0 +1,244 @@
+"""Attention knockout against a plain HF forward with hand-built 4D masks, and the batched sweep
+against running every configuration on its own."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch.testing import assert_close
+
+from analyses.knockout import (
+    knockout,
+    knockout_sweep,
+    resolve_flows,
+    select_rows,
+    summarize_knockout,
+    t_quantile,
+    window_layers,
+)
+from analyses.plot_flows import plot_knockout
+
+QUESTIONS = ["What is the color of the circle?", "Is the square red?"]
+BOXES = [[(0, 0, 12, 12)], [(8, 16, 30, 31)]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not fight other jobs for the 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def deep():
+    """A 12-layer model (enough for a full 9-layer window) and its HF twin."""
+    from hooked_llava.testing import tiny_model
+
+    return tiny_model(seed=3, n_layers=12, d_model=32)
+
+
+@pytest.fixture(scope="module")
+def padded(deep):
+    """Two prompts of different lengths (left padding), with a box per prompt."""
+    from hooked_llava.testing import random_images
+
+    model, _ = deep
+    return model.prepare(images=random_images(2, seed=4), questions=QUESTIONS, boxes=BOXES)
+
+
+def col(series):
+    return torch.tensor(series.to_numpy(), dtype=torch.float64)
+
+
+def assert_no_hooks(model):
+    for name, hp in model.hook_dict.items():
+        assert not hp._forward_hooks and not hp._backward_hooks and not hp.fwd_hooks, name
+
+
+def hf_knockout(hf, inputs, target, source, layers):
+    """Logits of HF's forward where each layer in `layers` gets the mask causal & not-pad & not
+    (target query, source key), as a 4D additive float mask with finfo.min."""
+    ids, mask2d = inputs.input_ids, inputs.attention_mask.bool()
+    n = ids.shape[1]
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()[None] & mask2d[:, None, :]
+    allowed &= ~(target[:, :, None] & source[:, None, :])
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+
+    def swap_mask(module, args, kwargs):
+        return args, {**kwargs, "attention_mask": additive}
+
+    attn = [hf.model.language_model.layers[layer].self_attn for layer in layers]
+    handles = [a.register_forward_pre_hook(swap_mask, with_kwargs=True) for a in attn]
+    try:
+        with torch.no_grad():
+            position_ids = (inputs.attention_mask.cumsum(-1) - 1).clamp(min=0)
+            out = hf(input_ids=ids, attention_mask=inputs.attention_mask, pixel_values=inputs.pixel_values,
+                     position_ids=position_ids)  # fmt: skip
+    finally:
+        for h in handles:
+            h.remove()
+    return out.logits
+
+
+def independent_sets(inputs, image_token_id):
+    image = inputs.input_ids == image_token_id
+    last = torch.zeros_like(image)
+    last[:, -1] = True  # left padding: every row ends at the last column
+    return image, last
+
+
+def test_knockout_matches_hf_with_padding(deep, padded):
+    model, hf = deep
+    image, last = independent_sets(padded, hf.config.image_token_id)
+    real = padded.attention_mask.bool()
+    with torch.no_grad():
+        ours = knockout(model, padded, "image", "last", layers=[0, 1, 2, 5])
+        base = model(padded)
+    theirs = hf_knockout(hf, padded, last, image, [0, 1, 2, 5])
+    assert_close(ours[real], theirs[real], atol=2e-5, rtol=1e-4)
+    assert (ours - base)[real].abs().max() > 1e-3  # the knockout does something
+    assert_no_hooks(model)
+
+
+def test_knockout_explicit_positions_and_single_prompt(deep, padded):
+    """Explicit position lists (also covering padding positions) and an unpadded single prompt."""
+    model, hf = deep
+    image, _ = independent_sets(padded, hf.config.image_token_id)
+    n = padded.input_ids.shape[1]
+    targets = [n - 6, n - 3, n - 1]
+    target = torch.zeros_like(image)
+    target[:, targets] = True
+    source = torch.zeros_like(image)
+    source[:, : n - 6] = True  # includes row 1's padding and text before the image
+    real = padded.attention_mask.bool()
+    with torch.no_grad():
+        ours = knockout(model, padded, list(range(n - 6)), targets, layers=range(3, 9))
+    assert_close(ours[real], hf_knockout(hf, padded, target, source, range(3, 9))[real], atol=2e-5, rtol=1e-4)
+    single = padded[0]
+    image1, last1 = independent_sets(single, hf.config.image_token_id)
+    with torch.no_grad():
+        ours1 = knockout(model, single, "image", "last", layers=7)
+    assert_close(ours1, hf_knockout(hf, single, last1, image1, [7]), atol=2e-5, rtol=1e-4)
+
+
+def test_window_layers_clip_at_the_ends():
+    assert list(window_layers(0, 12)) == [0, 1, 2, 3, 4]
+    assert list(window_layers(5, 12)) == list(range(1, 10))
+    assert list(window_layers(11, 12)) == [7, 8, 9, 10, 11]
+    assert list(window_layers(3, 12, window=3)) == [2, 3, 4]
+
+
+def test_sweep_equals_separate_configurations(deep, padded):
+    model, _ = deep
+    # "image->text" has target queries from position 0 on (nothing to reuse before them).
+    flows = ["image->question", "related->question", ("question", "last"), "image->text"]
+    df = knockout_sweep(model, padded, flows, window=9, batch_size=7, progress=False)
+    assert list(df.columns) == ["flow", "layer", "example", "p_base", "p_blocked", "rel_change"]
+    assert len(df) == 4 * 12 * 2
+    rows = torch.arange(2)
+    with torch.no_grad():
+        base = model(padded)[rows, padded.last].softmax(-1)
+    answer = base.argmax(-1)
+    expected = []
+    for label, (source, target) in resolve_flows(flows).items():
+        for layer in range(12):
+            with torch.no_grad():
+                logits = knockout(model, padded, source, target, window_layers(layer, 12, 9))
+            p = logits[rows, padded.last].softmax(-1)[rows, answer]
+            expected += [(label, layer, e, float(base[e, answer[e]]), float(p[e])) for e in range(2)]
+    want = pd.DataFrame(expected, columns=["flow", "layer", "example", "p_base", "p_blocked"])
+    assert df[["flow", "layer", "example"]].equals(want[["flow", "layer", "example"]])
+    assert_close(col(df.p_base), col(want.p_base), atol=1e-7, rtol=1e-5)
+    assert_close(col(df.p_blocked), col(want.p_blocked), atol=1e-7, rtol=1e-5)
+    assert_close(col(df.rel_change), col((want.p_blocked - want.p_base) / want.p_base * 100), atol=1e-4, rtol=1e-4)
+    assert df.rel_change.abs().max() > 0.1  # the knockouts change something
+    assert_no_hooks(model)
+
+
+def test_sweep_answer_option_and_row_order(deep, padded):
+    """A given answer per example, and examples split across base passes (batch_size=1)."""
+    model, _ = deep
+    tokens = ["red", "blue"]
+    df = knockout_sweep(model, padded, "Image→Last", answer=tokens, batch_size=1, progress=False)
+    ids = torch.tensor([model.to_single_token(t) for t in tokens])
+    with torch.no_grad():
+        p0 = model(padded)[torch.arange(2), padded.last].softmax(-1)[torch.arange(2), ids]
+        p5 = knockout(model, padded[1], "image", "last", window_layers(5, 12))[0, -1].softmax(-1)[ids[1]]
+    assert set(df.flow) == {"image->last"}
+    assert_close(col(df[df.layer == 0].p_base), p0.double(), atol=1e-7, rtol=1e-5)
+    row = df[(df.layer == 5) & (df.example == 1)]
+    assert_close(col(row.p_blocked), p5[None].double(), atol=1e-7, rtol=1e-5)
+
+
+def test_resolve_flows_and_select_rows(padded):
+    flows = resolve_flows(["Other → Question", ("image", [3, 4])])
+    assert flows == {"other->question": ("other_image", "question"), "image->[3, 4]": ("image", [3, 4])}
+    assert resolve_flows("text->last") == {"text->last": ("text", "last")}
+    assert len(resolve_flows(None)) == 6
+    with pytest.raises(ValueError, match="unknown flow"):
+        resolve_flows(["image"])
+    picked = select_rows(padded, [1, 0, 1])
+    assert torch.equal(picked.input_ids, padded.input_ids[[1, 0, 1]])
+    assert torch.equal(picked.pixel_values, padded.pixel_values[[1, 0, 1]])
+    assert picked.boxes == [BOXES[1], BOXES[0], BOXES[1]]
+    assert torch.equal(picked.mask("related"), padded.mask("related")[[1, 0, 1]])
+
+
+def test_summary_confidence_interval():
+    values = [1.0, 2.0, 4.0, 8.0, 10.0]
+    df = pd.DataFrame({"flow": "a->b", "layer": 0, "example": range(5), "rel_change": values})
+    out = summarize_knockout(pd.concat([df, df.assign(layer=1, rel_change=0.0)]))
+    mean = sum(values) / 5
+    sem = math.sqrt(sum((v - mean) ** 2 for v in values) / 4 / 5)
+    row = out[out.layer == 0].iloc[0]
+    assert row["n"] == 5 and row["mean"] == pytest.approx(mean)
+    assert row["ci_high"] - mean == pytest.approx(2.7764451052 * sem, rel=1e-3)  # t(0.975, df=4)
+    assert out[out.layer == 1].iloc[0][["ci_low", "ci_high"]].tolist() == [0.0, 0.0]
+    assert t_quantile(0.975, 1) == pytest.approx(12.7062047362)
+    assert t_quantile(0.975, 2) == pytest.approx(4.3026527297)
+    assert t_quantile(0.975, 30) == pytest.approx(2.0422724563, rel=1e-6)
+    fig = plot_knockout(out)
+    assert len(fig.axes[0].lines) == 1 + 1  # the flow and the zero line
+    with pytest.raises(ValueError, match="summarize_knockout"):
+        plot_knockout(df)
+
+
+def test_no_hooks_left_after_an_exception(deep, padded):
+    model, _ = deep
+
+    def boom(module, args, output):
+        raise RuntimeError("boom")
+
+    handle = model.blocks[6].register_forward_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            knockout(model, padded, "image", "last", layers=[5, 6])
+        assert_no_hooks(model)
+        with pytest.raises(RuntimeError, match="boom"):
+            knockout_sweep(model, padded, ["image->last"], progress=False)
+        assert_no_hooks(model)
+    finally:
+        handle.remove()
+
+
+def test_shapes_model_sweep():
+    """On the trained Shapes model: a sweep runs and the Image→Last knockout is reported."""
+    from hooked_llava.shapes import checkpoint_path
+
+    if not checkpoint_path("shapes-llava").is_dir():
+        pytest.skip("the shapes-llava checkpoint has not been built")
+    from hooked_llava import HookedLlava
+    from hooked_llava.shapes import ShapesWorld
+
+    model = HookedLlava.from_pretrained("shapes-llava")
+    examples = [ShapesWorld(0).example(i, "ChooseAttr") for i in range(2)]
+    inputs = model.prepare(images=[e.image for e in examples], prompts=[e.prompt for e in examples],
+                           boxes=[list(e.related_bboxes) for e in examples])  # fmt: skip
+    df = knockout_sweep(model, inputs, ["image->last", "related->question"], progress=False)
+    assert len(df) == 2 * model.cfg.n_layers * 2 and df.p_blocked.notna().all()
+    assert (df.p_base > 0).all()
