@@ -121,3 +121,33 @@ def plot_patch_grid(values: Float[Tensor, " n_blocks"], ax: Axes | None = None, 
 
 
 __all__ = ["plot_head_scan", "plot_knockout", "plot_patch_grid", "plot_patching"]
+
+
+def plot_sweep(knockout: pd.DataFrame, title: str | None = None, columns: int = 3) -> Figure:
+    """The study's figure for a dataset sweep: one panel per category, mean relative change per
+    layer with its 95% interval, one line per flow.
+
+    Args:
+        knockout: `run_sweep(...)["knockout"]` (needs a `category` column; `example` may be absent).
+        title: the figure title.
+        columns: panels per row.
+
+    Example:
+        >>> plot_sweep(run_sweep(model, shapes_examples(50), "runs/shapes")["knockout"]).savefig("sweep.png")
+    """
+    from .knockout import summarize_knockout
+
+    categories = list(dict.fromkeys(knockout["category"]))
+    rows = -(-len(categories) // columns)
+    fig = Figure(figsize=(4.2 * min(columns, len(categories)), 3.0 * rows), layout="constrained")
+    frame = knockout.rename(columns={"id": "example"}) if "example" not in knockout else knockout
+    for k, category in enumerate(categories):
+        ax = fig.add_subplot(rows, min(columns, len(categories)), k + 1)
+        summary = summarize_knockout(frame[frame["category"] == category])
+        n = int(summary["n"].max()) if len(summary) else 0
+        plot_knockout(summary, ax=ax, title=f"{category} (n={n})")
+        if k:
+            ax.get_legend().remove()
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -85,6 +86,38 @@ def explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def sweep(args: argparse.Namespace) -> int:
+    from analyses.gqa import gqa_examples
+    from analyses.knockout import summarize_knockout
+    from analyses.plot_flows import plot_sweep
+    from analyses.sweep import run_sweep, shapes_examples
+
+    from .model import HookedLlava
+
+    model = HookedLlava.from_pretrained(args.model)
+    if args.csv:
+        if not args.images:
+            raise SystemExit("--csv needs --images, the folder of the CSV's images")
+        examples = gqa_examples(args.csv, args.images, category=args.category)
+    else:
+        examples = shapes_examples(args.shapes, seed=args.seed)
+    flows = args.flows.split(",") if args.flows else None
+    tables = run_sweep(model, examples, args.out, flows=flows, window=args.window, lens=args.lens)
+    out = Path(args.out)
+    for name, table in tables.items():
+        if len(table):
+            table.to_csv(out / f"{name}.csv", index=False)
+    done = tables["examples"]
+    print(f"{len(done)} examples, {int(done['correct'].sum())} answered correctly and swept")
+    print(done.groupby("category")["correct"].agg(["size", "mean"]).rename(columns={"mean": "accuracy"}))
+    if len(tables["knockout"]):
+        frame = tables["knockout"].rename(columns={"id": "example"})
+        summarize_knockout(frame).to_csv(out / "summary.csv", index=False)
+        plot_sweep(tables["knockout"], title="attention knockout").savefig(out / "sweep.png", dpi=120)
+        print(f"figure: {out / 'sweep.png'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hooked-llava", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--prompt", default=None, help="a full prompt containing <image> instead of --question")
     exp.add_argument("--out", default="hooked-llava-report", help="output directory (report.html and PNGs)")
     exp.set_defaults(run=explain)
+    sw = sub.add_parser("sweep", help="knockout flows over a dataset (Shapes categories or a GQA task CSV)")
+    sw.add_argument("--model", default="shapes-llava")
+    sw.add_argument("--shapes", type=int, default=50, help="Shapes examples per category (without --csv)")
+    sw.add_argument("--seed", type=int, default=777, help="Shapes world seed")
+    sw.add_argument("--csv", default=None, help="a task CSV in study B's GQA format")
+    sw.add_argument("--images", default=None, help="folder of the CSV's images ({img_id}.jpg)")
+    sw.add_argument("--category", default=None, help="category label (default: from the CSV file name)")
+    sw.add_argument("--flows", default=None, help="comma-separated flows (default: the four main ones)")
+    sw.add_argument("--window", type=int, default=9)
+    sw.add_argument("--lens", action="store_true", help="also record the logit lens at the last position")
+    sw.add_argument("--out", default="hooked-llava-sweep", help="output folder; rerunning resumes")
+    sw.set_defaults(run=sweep)
     args = parser.parse_args(argv)
     return args.run(args)
 
