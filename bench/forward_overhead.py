@@ -25,11 +25,13 @@ CONFIGS = {
     "17M": dict(
         vocab_size=1024,
         d_model=512,
+        d_mlp=1408,
         n_layers=4,
         n_heads=8,
         n_kv_heads=None,
         vision_layers=4,
         vision_d_model=256,
+        vision_d_mlp=1024,
         image_size=64,
         patch_size=8,
     ),

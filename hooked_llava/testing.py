@@ -74,6 +74,8 @@ def tiny_llava_config(
     feature_layer: int | list[int] = -2,
     strategy: str = "default",
     attn_implementation: str = "eager",
+    d_mlp: int | None = None,
+    vision_d_mlp: int | None = None,
     **text_overrides: Any,
 ) -> Any:
     """A `LlavaConfig` small enough to build in milliseconds."""
@@ -83,7 +85,7 @@ def tiny_llava_config(
     text = LlamaConfig(
         vocab_size=vocab_size or len(tok),
         hidden_size=d_model,
-        intermediate_size=2 * d_model,
+        intermediate_size=d_mlp or 2 * d_model,
         num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
         num_key_value_heads=n_kv_heads or n_heads,
@@ -95,7 +97,7 @@ def tiny_llava_config(
     )
     vision = CLIPVisionConfig(
         hidden_size=vision_d_model,
-        intermediate_size=2 * vision_d_model,
+        intermediate_size=vision_d_mlp or 2 * vision_d_model,
         num_hidden_layers=vision_layers,
         num_attention_heads=4,
         image_size=image_size,
