@@ -10,9 +10,38 @@ from .logit_lens import lens_positions, logit_lens, token_ranks, top_k_table, wo
 from .patch_importance import faithfulness, patch_importance
 from .plotting import plot_head_scores, plot_logit_lens, plot_patch_heatmap
 
-# other modules
+from .ablation import ablate_heads, head_ablation_scan
+from .knockout import knockout, knockout_sweep, summarize_knockout
+from .patching import (
+    attribute_attn_out,
+    attribute_heads,
+    attribute_image_blocks,
+    attribute_residual,
+    patch_attn_out,
+    patch_heads,
+    patch_image_blocks,
+    patch_residual,
+)
+from .plot_flows import plot_head_scan, plot_knockout, plot_patching, plot_sweep
 
 __all__ = [
+    "ablate_heads",
+    "attribute_attn_out",
+    "attribute_heads",
+    "attribute_image_blocks",
+    "attribute_residual",
+    "head_ablation_scan",
+    "knockout",
+    "knockout_sweep",
+    "patch_attn_out",
+    "patch_heads",
+    "patch_image_blocks",
+    "patch_residual",
+    "plot_head_scan",
+    "plot_knockout",
+    "plot_patching",
+    "plot_sweep",
+    "summarize_knockout",
     "FrozenReadout",
     "direct_logit_attribution",
     "embedding_projection",

@@ -1,0 +1,310 @@
+"""The logit lens: intermediate residual streams read through the final norm and the unembedding.
+
+Also holds the small helpers the other analyses share: resolving a role name or explicit
+positions to per-row indices (`lens_positions`), collecting activations at chosen positions
+with temporary hooks (`collect`), and reading vectors through the final norm (`final_norm`).
+
+The examples in this module's docstrings run on a tiny random model:
+
+    >>> from hooked_llava.testing import random_images, tiny_model
+    >>> model, _ = tiny_model()
+    >>> inputs = model.prepare(images=random_images(2), questions=["What is the color of the circle?", "Is it red?"])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from hooked_llava import HookedLlava, LlavaInputs
+
+Positions = str | Sequence[int] | Tensor
+Words = str | Sequence[str] | Sequence[Sequence[str]]
+
+
+def lens_positions(inputs: LlavaInputs, positions: Positions = "last") -> Int[Tensor, "batch n_pos"]:
+    """Per-row sequence positions of a role name or of explicit positions.
+
+    Args:
+        inputs: the prepared batch.
+        positions: a role ("image", "question", "last", "text", "related", ...), a list of
+            positions shared by every row (negative indices count from the end), an int
+            tensor `[batch, n_pos]` of per-row positions, or a bool mask `[batch, pos]`.
+
+    Returns:
+        `[batch, n_pos]` indices into the sequence. Rows must have the same number of positions
+        (true for "last" and "image" with one image per row); otherwise a ValueError says to
+        pass one row at a time (`inputs[i]`). This keeps every result a dense tensor.
+
+    Example:
+        >>> lens_positions(inputs, "image").shape  # [batch, tokens_per_image]
+    """
+    seq, device = inputs.input_ids.shape[1], inputs.input_ids.device
+    if isinstance(positions, Tensor) and positions.dtype == torch.bool:
+        rows = [row.nonzero()[:, 0] for row in positions.to(device).expand_as(inputs.input_ids)]
+    elif isinstance(positions, Tensor) and positions.ndim == 2:
+        return positions.long().to(device) % seq
+    elif isinstance(positions, str):
+        rows = inputs.positions(positions)
+    else:
+        rows = [p % seq for p in inputs.positions(positions if isinstance(positions, Tensor) else list(positions))]
+    counts = sorted({len(r) for r in rows})
+    if counts == [0]:
+        raise ValueError(f"no positions selected by {positions!r} in any row.")
+    if len(counts) > 1:
+        raise ValueError(
+            f"{positions!r} selects a different number of positions per row ({counts}); "
+            "analyse the rows one at a time (inputs[i]) or pass an explicit [batch, n_pos] tensor."
+        )
+    return torch.stack(rows)
+
+
+def _keep(act: Tensor, hook: Any, store: dict[str, Tensor], select: Callable[[Tensor], Tensor]) -> Tensor:
+    """Recording hook: stores `select(act)` and returns the activation unchanged."""
+    store[hook.name] = select(act)
+    return act
+
+
+def collect(
+    model: HookedLlava, inputs: LlavaInputs, selects: Mapping[str, Callable[[Tensor], Tensor]], **forward: Any
+) -> dict[str, Tensor]:
+    """Run the model once and keep `select(activation)` for each hook name.
+
+    The hooks are temporary (`run_with_hooks`), so they are removed even if the forward raises.
+
+    Args:
+        model: the model.
+        inputs: the prepared batch.
+        selects: hook name → function reducing that activation (e.g. to chosen positions).
+        **forward: extra keyword arguments for the forward pass (e.g. `stop_at_layer`).
+
+    Returns:
+        Hook name → the reduced activation.
+
+    Example:
+        >>> acts = collect(model, inputs, {"hook_embed": lambda a: a[:, -1]}, stop_at_layer=0)
+    """
+    store: dict[str, Tensor] = {}
+    hooks = [(name, partial(_keep, store=store, select=fn)) for name, fn in selects.items()]
+    model.run_with_hooks(inputs, fwd_hooks=hooks, return_type=None, **forward)
+    return store
+
+
+def at_positions(pos: Int[Tensor, "batch n_pos"]) -> Callable[[Tensor], Tensor]:
+    """A `collect` selector taking `[batch, pos, ...]` activations to `[batch, n_pos, ...]`.
+
+    Example:
+        >>> select = at_positions(lens_positions(inputs, "image"))
+        >>> collect(model, inputs, {"hook_embed": select}, stop_at_layer=0)["hook_embed"].shape  # [2, 16, 64]
+    """
+    rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
+    return lambda act: act[rows.to(act.device), pos.to(act.device)]
+
+
+def final_norm(model: HookedLlava, x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_model"]:
+    """The model's final RMSNorm (its weight included) applied to vectors of any leading shape.
+
+    Example:
+        >>> final_norm(model, model.W_E[:3]).pow(2).mean(-1)  # unit mean square before the weight
+    """
+    return model.ln_final(x.reshape(-1, 1, x.shape[-1])).reshape(x.shape)
+
+
+def read_out(
+    model: HookedLlava, x: Float[Tensor, "*lead d_model"], normalize: bool = True
+) -> Float[Tensor, "*lead d_vocab"]:
+    """Logits of residual vectors: `W_U · ln_final(x)`, or `W_U · x` when `normalize=False`.
+
+    Example:
+        >>> read_out(model, model.W_E[:3], normalize=False).shape  # [3, d_vocab]
+    """
+    h = final_norm(model, x) if normalize else x
+    return model.unembed(h.reshape(-1, 1, h.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
+def _layer_list(model: HookedLlava, layers: Sequence[int] | None) -> list[int]:
+    n = model.cfg.n_layers
+    return list(range(n + 1)) if layers is None else [int(layer) % (n + 1) for layer in layers]
+
+
+def residual_stack(
+    model: HookedLlava, inputs: LlavaInputs, positions: Positions = "last", layers: Sequence[int] | None = None
+) -> Float[Tensor, "layer batch n_pos d_model"]:
+    """`resid_pre` of each chosen layer (layer `n_layers` is the final `resid_post`) at `positions`.
+
+    Example:
+        >>> residual_stack(model, inputs, "last").shape  # [n_layers + 1, batch, 1, d_model]
+    """
+    n, chosen = model.cfg.n_layers, _layer_list(model, layers)
+    names = [f"blocks.{lay}.hook_resid_pre" if lay < n else f"blocks.{n - 1}.hook_resid_post" for lay in chosen]
+    select = at_positions(lens_positions(inputs, positions))
+    acts = collect(model, inputs, dict.fromkeys(names, select), stop_at_layer=min(max(chosen) + 1, n))
+    return torch.stack([acts[name] for name in names])
+
+
+@torch.no_grad()
+def logit_lens(
+    model: HookedLlava,
+    inputs: LlavaInputs,
+    positions: Positions = "last",
+    layers: Sequence[int] | None = None,
+    normalize: bool = True,
+) -> Float[Tensor, "layer batch n_pos d_vocab"]:
+    """Read each layer's residual stream through the final norm and the unembedding.
+
+    Args:
+        model: the model.
+        inputs: the prepared batch.
+        positions: a role, a list of positions, a `[batch, n_pos]` tensor or a bool mask (see
+            `lens_positions`); every row must select the same number of positions.
+        layers: which readouts, in `0..n_layers`: layer `l < n_layers` is `resid_pre[l]`, layer
+            `n_layers` (or -1) the final `resid_post`. Default: all `n_layers + 1`.
+        normalize: apply the final RMSNorm (with its weight) before `W_U`: the standard logit
+            lens. `False` reads raw residuals through `W_U`, as study B's code does.
+
+    Returns:
+        Logits `[layer, batch, n_pos, d_vocab]`; with `normalize=True` the final layer equals the
+        model's logits at those positions.
+
+    Example:
+        >>> lens = logit_lens(model, inputs, positions="last")
+        >>> lens[-1, :, 0].argmax(-1)  # the model's predictions
+    """
+    return read_out(model, residual_stack(model, inputs, positions, layers), normalize)
+
+
+def _labels(
+    model: HookedLlava, lens: Tensor, layers: Sequence[int] | None, positions: Tensor | None
+) -> tuple[list[int], Tensor]:
+    layer_ids = list(range(lens.shape[0])) if layers is None else _layer_list(model, layers)
+    if len(layer_ids) != lens.shape[0]:
+        raise ValueError(f"{len(layer_ids)} layer labels for {lens.shape[0]} readouts.")
+    pos = torch.arange(lens.shape[2]).expand(lens.shape[1], -1) if positions is None else positions.cpu()
+    return layer_ids, pos
+
+
+def top_k_table(
+    model: HookedLlava,
+    lens: Float[Tensor, "layer batch n_pos d_vocab"],
+    k: int = 10,
+    layers: Sequence[int] | None = None,
+    positions: Int[Tensor, "batch n_pos"] | None = None,
+) -> pd.DataFrame:
+    """Tidy table of the top-k tokens of each readout.
+
+    Args:
+        model: the model (for decoding tokens).
+        lens: output of `logit_lens`.
+        k: tokens per readout.
+        layers: labels of the readouts (the `layers` given to `logit_lens`); default `0..`.
+        positions: sequence positions to label rows with (`lens_positions(inputs, ...)`);
+            default the index into `n_pos`.
+
+    Returns:
+        Columns `layer, batch, position, rank` (1 = top), `token_id, token, logit, prob`.
+
+    Example:
+        >>> lens = logit_lens(model, inputs, "image")
+        >>> top_k_table(model, lens, k=5, positions=lens_positions(inputs, "image"))
+    """
+    layer_ids, pos = _labels(model, lens, layers, positions)
+    logits, ids = lens.float().topk(k, dim=-1)
+    probs = lens.float().softmax(-1).gather(-1, ids)
+    index = torch.cartesian_prod(*(torch.arange(n) for n in ids.shape))
+    flat_ids = ids.flatten().cpu()
+    return pd.DataFrame(
+        {
+            "layer": [layer_ids[i] for i in index[:, 0].tolist()],
+            "batch": index[:, 1].numpy(),
+            "position": pos[index[:, 1], index[:, 2]].numpy(),
+            "rank": index[:, 3].numpy() + 1,
+            "token_id": flat_ids.numpy(),
+            "token": model.tokenizer.convert_ids_to_tokens(flat_ids.tolist()),
+            "logit": logits.flatten().cpu().numpy(),
+            "prob": probs.flatten().cpu().numpy(),
+        }
+    )
+
+
+def word_forms(model: HookedLlava, word: str) -> dict[str, int]:
+    """Single-token forms of a word: lowercase and capitalised, bare and with a leading space.
+
+    Forms that are not a single token are skipped; forms mapping to the same id are kept once.
+
+    Example:
+        >>> word_forms(model, "red")  # e.g. {"red": 21} when "Red" is not a single token
+    """
+    forms: dict[str, int] = {}
+    for base in dict.fromkeys([word.lower(), word[:1].upper() + word[1:].lower()]):
+        for form in (base, " " + base):
+            try:
+                token = model.to_single_token(form)
+            except ValueError:
+                continue
+            if token not in forms.values() and token != model.tokenizer.unk_token_id:
+                forms[form] = token
+    return forms
+
+
+def _row_words(words: Words, batch: int) -> list[list[str]]:
+    if isinstance(words, str):
+        return [[words]] * batch
+    if words and not isinstance(words[0], str):
+        if len(words) != batch:
+            raise ValueError(f"per-row words need one list per row: got {len(words)} for {batch} rows.")
+        return [list(w) for w in words]
+    return [list(words)] * batch  # type: ignore[arg-type]
+
+
+def token_ranks(
+    model: HookedLlava,
+    lens: Float[Tensor, "layer batch n_pos d_vocab"],
+    words: Words,
+    layers: Sequence[int] | None = None,
+    positions: Int[Tensor, "batch n_pos"] | None = None,
+) -> pd.DataFrame:
+    """Rank and probability of chosen words at every readout, all case forms tracked together.
+
+    Args:
+        model: the model (for tokenising words).
+        lens: output of `logit_lens`.
+        words: a word, a list of words for every row, or one list of words per row. Each word
+            is tracked in all its single-token forms (`word_forms`: "red", "Red", " red", ...).
+        layers, positions: labels, as in `top_k_table`.
+
+    Returns:
+        Columns `layer, batch, position, word, form, token_id, rank` (1 = top), `prob, logit`.
+
+    Example:
+        >>> token_ranks(model, logit_lens(model, inputs), ["red", "blue"]).query("form == 'red'")
+    """
+    layer_ids, pos = _labels(model, lens, layers, positions)
+    logits = lens.float()
+    probs, records = logits.softmax(-1), []
+    for b, row_words in enumerate(_row_words(words, lens.shape[1])):
+        for word in row_words:
+            for form, token in word_forms(model, word).items():
+                value = logits[:, b, :, token]  # [layer, n_pos]
+                rank = (logits[:, b] > value[..., None]).sum(-1) + 1
+                for li, p in torch.cartesian_prod(torch.arange(lens.shape[0]), torch.arange(lens.shape[2])).tolist():
+                    records.append(
+                        (
+                            layer_ids[li],
+                            b,
+                            int(pos[b, p]),
+                            word,
+                            form,
+                            token,
+                            int(rank[li, p]),
+                            float(probs[li, b, p, token]),
+                            float(value[li, p]),
+                        )
+                    )
+    columns = ["layer", "batch", "position", "word", "form", "token_id", "rank", "prob", "logit"]
+    return pd.DataFrame.from_records(records, columns=columns)
