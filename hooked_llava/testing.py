@@ -76,6 +76,7 @@ def tiny_llava_config(
     attn_implementation: str = "eager",
     d_mlp: int | None = None,
     vision_d_mlp: int | None = None,
+    max_position_embeddings: int = 512,
     **text_overrides: Any,
 ) -> Any:
     """A `LlavaConfig` small enough to build in milliseconds."""
@@ -89,7 +90,7 @@ def tiny_llava_config(
         num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
         num_key_value_heads=n_kv_heads or n_heads,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
