@@ -4,14 +4,12 @@ Each analysis is a function `(model, inputs, ...)` returning labelled tensors or
 DataFrames, and leaves the model without hooks. Plotting lives in `analyses.plotting`.
 """
 
+from .ablation import ablate_heads, head_ablation_scan
 from .attribution import FrozenReadout, direct_logit_attribution, log_prob_increase, top_heads, top_units
 from .embedding import embedding_projection, mrr, reciprocal_ranks, vocab_scores
+from .knockout import knockout, knockout_sweep, summarize_knockout
 from .logit_lens import lens_positions, logit_lens, token_ranks, top_k_table, word_forms
 from .patch_importance import faithfulness, patch_importance
-from .plotting import plot_head_scores, plot_logit_lens, plot_patch_heatmap
-
-from .ablation import ablate_heads, head_ablation_scan
-from .knockout import knockout, knockout_sweep, summarize_knockout
 from .patching import (
     attribute_attn_out,
     attribute_heads,
@@ -23,6 +21,7 @@ from .patching import (
     patch_residual,
 )
 from .plot_flows import plot_head_scan, plot_knockout, plot_patching, plot_sweep
+from .plotting import plot_head_scores, plot_logit_lens, plot_patch_heatmap
 
 __all__ = [
     "ablate_heads",

@@ -181,3 +181,48 @@ def plot_patch_heatmap(
         ax.set_title(title)
     fig.colorbar(overlay, ax=ax, fraction=0.046, pad=0.04)
     return fig
+
+
+def _paint(inputs: LlavaInputs, values: Tensor, row: int, kind: str, size: tuple[int, int]) -> np.ndarray:
+    """Average of the token values over each original-image pixel their boxes cover."""
+    table = inputs.image_map()
+    here = table[(table.row == row) & (table.kind == kind)]
+    heat, count = np.zeros(size), np.zeros(size)
+    for t in here.itertuples():
+        y0, y1 = int(np.floor(t.y0)), int(np.ceil(t.y1))
+        x0, x1 = int(np.floor(t.x0)), int(np.ceil(t.x1))
+        heat[y0:y1, x0:x1] += float(values[row, t.pos])
+        count[y0:y1, x0:x1] += 1
+    return np.where(count > 0, heat / np.maximum(count, 1), np.nan)
+
+
+def plot_anyres_maps(
+    image: Any,
+    inputs: LlavaInputs,
+    values: Float[Tensor, "batch pos"],
+    row: int = 0,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+) -> Figure:
+    """Token importances drawn over the original image through each token's pixel box: one panel
+    for the base view and, for LLaVA-NeXT, one for the high-resolution tiles.
+
+    Args:
+        image: the original PIL image of `row`.
+        inputs: the prepared batch (its `image_map()` gives the boxes).
+        values: `[batch, pos]` token values, e.g. `analyses.anyres.token_importance`.
+        row, alpha, cmap: which row, heat opacity, colour map.
+
+    Example:
+        >>> fig = plot_anyres_maps(image, inputs, token_importance(model, inputs))
+    """
+    kinds = [k for k in ("base", "highres") if (inputs.image_map().kind == k).any()]
+    fig = Figure(figsize=(4.2 * len(kinds), 4.0), layout="constrained")
+    pixels = np.asarray(image.convert("RGB"))
+    for k, kind in enumerate(kinds):
+        ax = fig.add_subplot(1, len(kinds), k + 1)
+        ax.imshow(pixels)
+        shown = ax.imshow(_paint(inputs, values, row, kind, pixels.shape[:2]), alpha=alpha, cmap=cmap)
+        fig.colorbar(shown, ax=ax, shrink=0.8)
+        ax.set(title=f"{kind} tokens", xticks=[], yticks=[])
+    return fig

@@ -59,14 +59,17 @@ def _images(images: Any, prompts: list[str], image_token: str) -> list[Any] | No
 
 
 def _question_mask(
-    offsets: Tensor, prompts: list[str], spans: list[tuple[int, int] | None], image_token: str, per_image: int
+    offsets: Tensor, prompts: list[str], spans: list[tuple[int, int] | None], image_token: str, counts: list[int]
 ) -> Tensor:
     """Tokens whose characters fall inside the question span (offsets index the expanded text)."""
     mask = torch.zeros(offsets.shape[:2], dtype=torch.bool)
+    images = iter(counts)  # placeholder tokens of each image, in prompt order
     for row, (prompt, span) in enumerate(zip(prompts, spans, strict=True)):
+        n_before = prompt[: span[0]].count(image_token) if span else 0
+        expanded = [next(images) for _ in range(prompt.count(image_token))]
         if span is None:
             continue
-        shift = prompt[: span[0]].count(image_token) * (per_image - 1) * len(image_token)
+        shift = sum(n - 1 for n in expanded[:n_before]) * len(image_token)
         start, end = span[0] + shift, span[1] + shift
         s, e = offsets[row, :, 0], offsets[row, :, 1]
         mask[row] = (s >= start) & (e <= end) & (e > s)
@@ -106,11 +109,13 @@ def encode(
         out = processor(images=image_list, text=prompts, return_tensors="pt", padding=True, return_offsets_mapping=True)
     finally:
         tokenizer.padding_side = side
-    per_image = model.vision.cfg.n_image_tokens if model.vision is not None else 0
-    question = _question_mask(out["offset_mapping"], prompts, spans, image_token, per_image)
     sizes = [(im.height, im.width) if hasattr(im, "height") else tuple(im.shape[-2:]) for im in image_list or []]
     if "image_sizes" in out:  # LLaVA-NeXT processors report them
         sizes = [tuple(int(v) for v in s) for s in out["image_sizes"].tolist()]
+    counts = [model.vision.cfg.n_image_tokens if model.vision is not None else 0] * len(sizes)
+    if model.cfgs.pinpoints is not None:  # LLaVA-NeXT: the count depends on each image's size
+        counts = [lay.n_tokens for lay in model.layouts(sizes)]
+    question = _question_mask(out["offset_mapping"], prompts, spans, image_token, counts)
     return wrap_ids(
         model,
         out["input_ids"],

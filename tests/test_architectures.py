@@ -210,3 +210,10 @@ def test_related_patches_on_next_follow_the_anyres_mapping():
     outside = table[(table.kind != "newline") & ((table.x0 >= 10) | (table.y0 >= 10))]
     assert not inputs.mask("related")[outside.row.to_list(), outside.pos.to_list()].any()
     assert inputs.mask("other_image").sum() == inputs.mask("image").sum() - len(related)
+
+
+def test_question_roles_on_next_inputs_of_different_sizes():
+    model, _ = _next()
+    inputs = model.prepare(images=[_image(SIZES[0]), _image(SIZES[3], 1)], prompts=PROMPTS)
+    words = [model.to_str_tokens(inputs.input_ids[b][inputs.mask("question")[b]]) for b in range(2)]
+    assert words == [["What", "is", "the", "color", "of", "the", "circle", "?"], ["Is", "<unk>", "red", "?"]]
