@@ -17,19 +17,24 @@ if TYPE_CHECKING:
 Box = tuple[float | int, float | int, float | int, float | int]  # (x0, y0, x1, y1)
 
 
+def resize_and_crop(image_size: tuple[int, int], crop: tuple[int, int]) -> tuple[int, int, float, float]:
+    """`(top, left, scale_y, scale_x)` of HF's CLIP preprocessing: the short side resized to
+    `crop[0]` (the long side truncated to int), then a centre crop of `crop[1]`."""
+    height, width = image_size
+    shortest, side = crop
+    new_h = shortest if height <= width else int(shortest * height / width)
+    new_w = shortest if width <= height else int(shortest * width / height)
+    return (new_h - side) // 2, (new_w - side) // 2, new_h / height, new_w / width
+
+
 def box_to_patches(box: Box, image_size: tuple[int, int], crop: tuple[int, int], patch: int) -> set[tuple[int, int]]:
     """Grid cells `(row, col)` that any pixel of `box` falls in, after the processor's
     shortest-edge resize to `crop[0]` and centre crop to `crop[1]`.
 
     `box` is `(x0, y0, x1, y1)` in original pixels with `x1`, `y1` exclusive.
     """
-    height, width = image_size
-    shortest, side = crop
-    # HF's CLIP resize: the short side becomes `shortest`, the long side is truncated to int.
-    new_h = shortest if height <= width else int(shortest * height / width)
-    new_w = shortest if width <= height else int(shortest * width / height)
-    top, left = (new_h - side) // 2, (new_w - side) // 2
-    sy, sx = new_h / height, new_w / width
+    side = crop[1]
+    top, left, sy, sx = resize_and_crop(image_size, crop)
     x0, y0, x1, y1 = box
     px0, px1 = max(x0 * sx - left, 0.0), min(x1 * sx - left, side)
     py0, py1 = max(y0 * sy - top, 0.0), min(y1 * sy - top, side)
@@ -81,12 +86,7 @@ def _related_by_overlap(inputs: LlavaInputs) -> Bool[Tensor, "batch pos"]:
 
 def cell_box(r: int, c: int, image_size: tuple[int, int], crop: tuple[int, int], patch: int) -> tuple[float, ...]:
     """Original-image pixel box of grid cell (r, c) of a resized and centre-cropped image."""
-    height, width = image_size
-    shortest, side = crop
-    new_h = shortest if height <= width else int(shortest * height / width)
-    new_w = shortest if width <= height else int(shortest * width / height)
-    top, left = (new_h - side) // 2, (new_w - side) // 2
-    sy, sx = new_h / height, new_w / width
+    top, left, sy, sx = resize_and_crop(image_size, crop)
     return (
         (c * patch + left) / sx,
         (r * patch + top) / sy,
