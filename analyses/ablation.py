@@ -21,8 +21,6 @@ from tqdm.auto import tqdm
 
 from hooked_llava import HookedLlava, LlavaInputs
 
-from .knockout import select_rows
-
 Head = tuple[int, int] | str
 Method = Literal["zero", "mean"]
 Metric = Callable[[Tensor], Tensor]
@@ -185,7 +183,7 @@ def head_ablation_scan(
     ]
     results = []
     for layer, heads in tqdm(jobs, disable=not progress, desc="head ablation"):
-        rows = select_rows(inputs, list(range(len(inputs))) * len(heads))
+        rows = inputs[list(range(len(inputs))) * len(heads)]
         hook = partial(_replace_head_per_copy, heads=heads, values=values[layer])
         with torch.no_grad(), model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_z", hook)]):
             logits = model(rows, start_at_layer=layer, residual=cache[names[layer]].repeat(len(heads), 1, 1))

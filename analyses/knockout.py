@@ -9,8 +9,7 @@ and caches every `resid_pre` and every layer's keys/values; a configuration star
 first layer of its window from the cached residual, and only the positions from its first
 target query on are recomputed (earlier ones cannot see the knockout: attention is causal),
 over the cached keys/values of the prefix (`model.run_blocks` with `past`). Configurations
-run together as batch rows, each row with its own knockout mask. `select_rows` (rows of a
-`LlavaInputs`, repeats allowed) is shared with the other analyses.
+run together as batch rows (`inputs[rows]`, repeats allowed), each row with its own knockout mask.
 """
 
 # ruff: noqa: F722  (jaxtyping shape strings are not Python expressions)
@@ -20,7 +19,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from functools import partial
 from statistics import NormalDist
 from typing import Any, NamedTuple
@@ -145,28 +143,6 @@ def _layers(model: HookedLlava, layers: int | Sequence[int]) -> list[int]:
     return layers
 
 
-def select_rows(inputs: LlavaInputs, rows: Sequence[int] | Tensor) -> LlavaInputs:
-    """Rows of a batch in the given order, repeats allowed (each row keeps its image(s)).
-
-    Example:
-        >>> select_rows(inputs, [0, 0, 1]).input_ids.shape[0]  # 3
-    """
-    rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1).tolist()
-    pick = lambda t: None if t is None else t[torch.tensor(rows, device=t.device)]  # noqa: E731
-    image_row = inputs.image_rows()
-    images = [i for r in rows for i, owner in enumerate(image_row) if owner == r]
-    return replace(
-        inputs,
-        input_ids=pick(inputs.input_ids),
-        attention_mask=pick(inputs.attention_mask),
-        pixel_values=None if inputs.pixel_values is None else inputs.pixel_values[images],
-        question_mask=pick(inputs.question_mask),
-        boxes=None if inputs.boxes is None else [inputs.boxes[r] for r in rows],
-        image_sizes=None if inputs.image_sizes is None else [inputs.image_sizes[i] for i in images],
-        texts=None if inputs.texts is None else [inputs.texts[r] for r in rows],
-    )
-
-
 def _answer_ids(model: HookedLlava, answer: Any, n: int, greedy: Int[Tensor, " batch"]) -> Int[Tensor, " batch"]:
     """Token ids of the explained answer per row: None → the greedy token, else an id, a one-token
     string, or one of those per row."""
@@ -233,7 +209,7 @@ def knockout_sweep(
         for first in range(0, len(inputs), batch_size):
             rows = list(range(first, min(first + batch_size, len(inputs))))
             wanted = answer[first : rows[-1] + 1] if per_row else answer
-            part = _sweep_rows(model, select_rows(inputs, rows), flows, plan, wanted, batch_size, bar)
+            part = _sweep_rows(model, inputs[rows], flows, plan, wanted, batch_size, bar)
             frames.append(part.assign(example=part.example + first))
     df = pd.concat(frames, ignore_index=True)
     order = df.flow.map(list(flows).index)

@@ -22,7 +22,6 @@ The examples in this module's docstrings run on a tiny random model:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Literal
 
 import pandas as pd
@@ -149,23 +148,6 @@ def _baselines(inputs: LlavaInputs, embeds: Tensor, baseline: Baseline) -> Float
     raise ValueError(f"baseline must be 'mean', 'zeros' or a [d_model] tensor, got {baseline!r}.")
 
 
-def _row_inputs(inputs: LlavaInputs, rows: Tensor) -> LlavaInputs:
-    """The inputs of `rows` (repeats allowed) with their images, for `start_at_layer` runs."""
-    images = torch.tensor(inputs.image_rows()).argsort()[rows.cpu()]  # one image per row, in row order
-    return replace(
-        inputs,
-        input_ids=inputs.input_ids[rows],
-        attention_mask=inputs.attention_mask[rows],
-        pixel_values=None
-        if inputs.pixel_values is None
-        else inputs.pixel_values[images.to(inputs.pixel_values.device)],
-        image_sizes=None if inputs.image_sizes is None else [inputs.image_sizes[i] for i in images.tolist()],
-        question_mask=None,
-        boxes=None,
-        texts=None,
-    )
-
-
 def _last_log_probs(
     model: HookedLlava, inputs: LlavaInputs, x: Tensor, y: Tensor | None, target: Target
 ) -> tuple[Tensor, Tensor]:
@@ -215,7 +197,7 @@ def occluded_log_probs(
     for s in tqdm(range(0, len(rows), batch_size), desc="occlusion", disable=not progress):
         r, m = rows[s : s + batch_size].to(embeds.device), masks[s : s + batch_size, :, None].to(embeds.device)
         x = torch.where(m, base[r][:, None], embeds[r])
-        chunk = _row_inputs(inputs, rows[s : s + batch_size].to(inputs.input_ids.device))
+        chunk = inputs[rows[s : s + batch_size]]
         out.append(_last_log_probs(model, chunk, x, y[r], None)[0])
     return torch.cat(out), clean
 

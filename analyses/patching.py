@@ -28,8 +28,6 @@ from transformer_lens import ActivationCache
 
 from hooked_llava import HookedLlava, LlavaInputs
 
-from .knockout import select_rows
-
 Positions = str | Sequence[int] | Tensor
 Metric = Callable[[Tensor], Tensor]
 Clean = LlavaInputs | ActivationCache | Mapping[str, Tensor]
@@ -163,7 +161,7 @@ def generic_patch(
     for layer, indices in tqdm(jobs, disable=not progress, desc=f"patching {activation}"):
         hook_name = f"blocks.{layer}.{name}"
         hook = partial(_patch_copies, setter=setter, indices=indices, clean=clean_cache[hook_name])
-        rows = select_rows(corrupted, list(range(len(corrupted))) * len(indices))
+        rows = corrupted[list(range(len(corrupted))) * len(indices)]
         x = resid[f"blocks.{layer}.hook_resid_pre"].repeat(len(indices), 1, 1)
         with torch.no_grad(), model.hooks(fwd_hooks=[(hook_name, hook)]):
             logits = model(rows, start_at_layer=layer, residual=x)

@@ -91,23 +91,27 @@ class LlavaInputs:
             )
         return replace(self, pixel_values=pixel_values)
 
-    def __getitem__(self, rows: int | slice) -> LlavaInputs:
-        """Select batch rows (and their images)."""
-        rows = slice(rows, rows + 1) if isinstance(rows, int) else rows
-        picked = range(len(self))[rows]
-        images = self.image_rows()
-        keep = [i for i, r in enumerate(images) if r in picked]
-        pixels = None if self.pixel_values is None else self.pixel_values[keep]
+    def __getitem__(self, rows: int | slice | list[int] | Tensor) -> LlavaInputs:
+        """Select batch rows with their images: an int, a slice, or a list/tensor of rows in any
+        order, repeats allowed (e.g. to run several configurations of one example as a batch)."""
+        if isinstance(rows, int):
+            rows = [rows]
+        picked = list(range(len(self))[rows]) if isinstance(rows, slice) else torch.as_tensor(rows).reshape(-1).tolist()
+        owners = self.image_rows()
+        images = [i for r in picked for i, owner in enumerate(owners) if owner == r]
+        index = lambda t: None if t is None else t[torch.tensor(picked, dtype=torch.long, device=t.device)]  # noqa: E731
+        per_row = lambda xs: None if xs is None else [xs[r] for r in picked]  # noqa: E731
+        per_image = lambda xs: None if xs is None else [xs[i] for i in images]  # noqa: E731
         return replace(
             self,
-            input_ids=self.input_ids[rows],
-            attention_mask=self.attention_mask[rows],
-            pixel_values=pixels,
-            question_mask=None if self.question_mask is None else self.question_mask[rows],
-            boxes=None if self.boxes is None else self.boxes[rows],
-            image_sizes=None if self.image_sizes is None else [self.image_sizes[i] for i in keep],
-            token_tables=None if self.token_tables is None else [self.token_tables[i] for i in keep],
-            texts=None if self.texts is None else self.texts[rows],
+            input_ids=index(self.input_ids),
+            attention_mask=index(self.attention_mask),
+            pixel_values=None if self.pixel_values is None else self.pixel_values[images],
+            question_mask=index(self.question_mask),
+            boxes=per_row(self.boxes),
+            texts=per_row(self.texts),
+            image_sizes=per_image(self.image_sizes),
+            token_tables=per_image(self.token_tables),
         )
 
     # --- roles ---------------------------------------------------------------------------

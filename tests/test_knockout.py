@@ -14,7 +14,6 @@ from analyses.knockout import (
     knockout,
     knockout_sweep,
     resolve_flows,
-    select_rows,
     summarize_knockout,
     t_quantile,
     window_layers,
@@ -175,14 +174,14 @@ def test_sweep_answer_option_and_row_order(deep, padded):
     assert_close(col(row.p_blocked), p5[None].double(), atol=1e-7, rtol=1e-5)
 
 
-def test_resolve_flows_and_select_rows(padded):
+def test_resolve_flows_and_row_selection(padded):
     flows = resolve_flows(["Other → Question", ("image", [3, 4])])
     assert flows == {"other->question": ("other_image", "question"), "image->[3, 4]": ("image", [3, 4])}
     assert resolve_flows("text->last") == {"text->last": ("text", "last")}
     assert len(resolve_flows(None)) == 6
     with pytest.raises(ValueError, match="unknown flow"):
         resolve_flows(["image"])
-    picked = select_rows(padded, [1, 0, 1])
+    picked = padded[[1, 0, 1]]
     assert torch.equal(picked.input_ids, padded.input_ids[[1, 0, 1]])
     assert torch.equal(picked.pixel_values, padded.pixel_values[[1, 0, 1]])
     assert picked.boxes == [BOXES[1], BOXES[0], BOXES[1]]
