@@ -184,15 +184,11 @@ class Attention(nn.Module):
         return torch.matmul(pattern, vh).transpose(1, 2)
 
     def _project(self, z: Float[Tensor, "batch pos n_heads d_head"]) -> Float[Tensor, "batch pos d_model"]:
-        fused = lambda: F.linear(z.reshape(*z.shape[:2], -1), self.w_o, self.b_o)  # noqa: E731
         if not self.hook_result.active():
-            return fused()
-        result = torch.einsum("bphd,hdm->bphm", z, self.W_O)
-        version = result._version
-        hooked = self.hook_result(result)
-        if hooked is result and result._version == version:
-            return fused()  # hooks only read the per-head results: the fused product is cheaper
-        out = hooked.sum(2)
+            return F.linear(z.reshape(*z.shape[:2], -1), self.w_o, self.b_o)
+        # Per-head results cost one batched matmul; summing them is cheaper than a second projection.
+        result = torch.matmul(z.transpose(1, 2), self.W_O).transpose(1, 2)  # [batch, pos, head, d_model]
+        out = self.hook_result(result).sum(2)
         return out if self.b_o is None else out + self.b_o
 
     # --- TransformerLens per-head views -------------------------------------------------
