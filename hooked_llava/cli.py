@@ -19,6 +19,8 @@ import torch
 
 
 def _load(name: str | None):
+    """The model, and a default image and prompt (a Shapes colour question, study A's format)."""
+    from .inputs import LLAVA15_TEMPLATE
     from .loading import SHIPPED
     from .model import HookedLlava
 
@@ -28,22 +30,24 @@ def _load(name: str | None):
 
         print("(no shipped Shapes checkpoint found: using a tiny random LLaVA)")
         model, _ = tiny_model()
-        return model, random_images(1)[0], "What is the color of the circle?"
+        question = "What is the color of the circle?"
+        return model, random_images(1)[0], LLAVA15_TEMPLATE.format(question=question)
     model = HookedLlava.from_pretrained(name)
     from .shapes import ShapesWorld
 
     example = ShapesWorld(seed=2024).example(0, "Colour")
-    return model, example.image, example.question
+    return model, example.image, example.prompt
 
 
 def quickstart(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    model, image, question = _load(args.model)
+    model, image, prompt = _load(args.model)
     print(
         f"loaded {model.cfg.original_architecture}: {model.cfg.n_layers} layers × {model.cfg.n_heads} heads, "
         f"d_model {model.cfg.d_model}, {len(model.hook_dict)} hook points"
     )
-    inputs = model.prepare(images=[image], questions=[question])
+    inputs = model.prepare(images=[image], prompts=[prompt])
+    question = " ".join(model.to_str_tokens(inputs.input_ids[0][inputs.mask("question")[0]]))
     with torch.no_grad():
         logits, cache = model.run_with_cache(inputs)
     probs = logits[0, -1].softmax(-1)
@@ -68,17 +72,16 @@ def explain(args: argparse.Namespace) -> int:
     from analyses.explain import write_html
 
     start = time.perf_counter()
-    model, image, question = _load(args.model)
+    model, image, prompt = _load(args.model)
     if args.image:
         from PIL import Image
 
         image = Image.open(args.image).convert("RGB")
-    if args.prompt:
-        inputs = model.prepare(images=[image], prompts=[args.prompt])
+    if args.question:
+        inputs = model.prepare(images=[image], questions=[args.question])
     else:
-        question = args.question or question
-        inputs = model.prepare(images=[image], questions=[question])
-    print(f"explaining {question!r} with {model.cfg.original_architecture} ({model.cfg.n_layers} layers)")
+        inputs = model.prepare(images=[image], prompts=[args.prompt or prompt])
+    print(f"explaining {inputs.texts[0]!r} with {model.cfg.original_architecture} ({model.cfg.n_layers} layers)")
     report = run_explain(model, inputs, say=lambda msg: print(msg, flush=True))
     path = write_html(report, args.out)
     print(f"answer: {report.answer!r} (p = {report.probability:.3f})")
