@@ -59,7 +59,8 @@ def grid_positions(inputs: LlavaInputs) -> Int[Tensor, "batch cell"]:
     if inputs.token_tables is not None or not bool((found.sum(1) == g * g).all()):
         raise ValueError(
             f"patch maps need exactly one LLaVA-1.5 image ({g}x{g} patches) per row; got {found.sum(1).tolist()} "
-            "patches per row (LLaVA-NeXT tiles and several images per row are not supported)."
+            "patches per row. For LLaVA-NeXT tiles use analyses.anyres (token_importance, anyres_maps, "
+            "plot_anyres_maps); give several images one row each."
         )
     b, pos = found.nonzero(as_tuple=True)
     cells = torch.full((len(inputs), g * g), -1, dtype=torch.long, device=rc.device)

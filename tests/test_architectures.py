@@ -105,10 +105,18 @@ def test_text_only_models_match_hf_and_load_from_shards(text, tmp_path):
         ref = hf(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
         out = model(ids, attention_mask=mask)
     assert (ref - out)[mask.bool()].abs().max() <= 1e-4
-    assert model.hook_names[0] == "hook_embed" and model.vision is None
+    from test_hooks import GOLDEN_BLOCK, _perturb
+
+    golden = ["hook_embed", *(f"blocks.{l}.{n}" for l in range(3) for n in GOLDEN_BLOCK)]
+    assert model.vision is None and model.hook_names == golden + ["ln_final.hook_scale", "ln_final.hook_normalized"]
+    with torch.no_grad():
+        clean, cache = model.run_with_cache(ids, attention_mask=mask)
+        for name in model.hook_names:  # every hook is live
+            out = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=[(name, _perturb)])
+            assert (out - clean)[mask.bool()].abs().max() > 1e-4, name
 
 
-@pytest.mark.parametrize("build", ["next-llama", "llava-mistral", "llava-qwen2"])
+@pytest.mark.parametrize("build", ["next-llama", "llava-mistral", "llava-qwen2", "next-mistral"])
 def test_sharded_checkpoints_of_new_architectures_load(build, tmp_path):
     kind, text = build.split("-")
     model, hf = _next(text) if kind == "next" else _llava(text)
