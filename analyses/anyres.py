@@ -80,7 +80,7 @@ def anyres_maps(inputs: LlavaInputs, values: Float[Tensor, "batch pos"]) -> list
     no token lands); LLaVA-1.5 rows only have "base".
 
     Example:
-        >>> anyres_maps(inputs, token_importance(model, inputs))[0]["highres"].shape
+        >>> anyres_maps(inputs, token_importance(model, inputs))[0]["base"].shape  # NeXT rows add "highres"
     """
     table = inputs.image_map()
     maps = []

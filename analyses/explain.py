@@ -32,7 +32,12 @@ SECTIONS = ("answer", "logit-lens", "heads", "patches", "knockout", "embedding")
 
 @dataclass
 class Report:
-    """Everything `explain` computed: figures (by file stem), tables and the headline numbers."""
+    """Everything `explain` computed: figures (by file stem), tables and the headline numbers.
+
+    Example:
+        >>> report = explain(model, model.prepare(images=[image], questions=["What is the color of the circle?"]))
+        >>> report.answer, report.probability, sorted(report.figures)
+    """
 
     question: str
     answer: str
@@ -134,7 +139,11 @@ def _img(name: str, data: bytes) -> str:
 
 
 def write_html(report: Report, out_dir: str | Path) -> Path:
-    """Write `report.html` (figures embedded) and one PNG per figure into `out_dir`."""
+    """Write `report.html` (figures embedded) and one PNG per figure into `out_dir`.
+
+    Example:
+        >>> path = write_html(explain(model, inputs[0], say=lambda msg: None), "report")
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pngs = {name: _png(fig) for name, fig in report.figures.items()}

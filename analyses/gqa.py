@@ -52,7 +52,15 @@ def _box(row: pd.Series, where: str) -> tuple[float, float, float, float]:
 
 def read_gqa(csv_path: str | Path, image_dir: str | Path) -> pd.DataFrame:
     """Read and validate a task CSV: known columns, the required ones present, and per row an
-    existing image and a valid box. Errors name the file, the line and the question id."""
+    existing image and a valid box. Errors name the file, the line and the question id.
+
+    Example:
+        >>> row = {"question_id": "q1", "img_id": "img0", "question": "Is the circle red or blue?", "answer": "red",
+        ...        "central object x": 0, "central object y": 0, "central object w": 8, "central object h": 8}
+        >>> Path("imgs").mkdir(exist_ok=True); image.save("imgs/img0.jpg")
+        >>> pd.DataFrame([row]).to_csv("GQA_task_ChooseAttr.csv", index=False)
+        >>> read_gqa("GQA_task_ChooseAttr.csv", "imgs").box[0]  # (0.0, 0.0, 8.0, 8.0)
+    """
     csv_path, image_dir = Path(csv_path), Path(image_dir)
     frame = pd.read_csv(csv_path, dtype={"question_id": str, "img_id": str})
     unknown = [c for c in frame.columns if c not in GQA_COLUMNS]
@@ -77,7 +85,11 @@ def read_gqa(csv_path: str | Path, image_dir: str | Path) -> pd.DataFrame:
 def gqa_examples(
     csv_path: str | Path, image_dir: str | Path, category: str | None = None, template: str = STUDY_B_TEMPLATE
 ) -> list[SweepExample]:
-    """Sweep examples from a task CSV; the category defaults to the file name's last `_` part."""
+    """Sweep examples from a task CSV; the category defaults to the file name's last `_` part.
+
+    Example:
+        >>> gqa_examples("GQA_task_ChooseAttr.csv", "imgs")[0].id  # 'ChooseAttr-q1' (see `read_gqa`)
+    """
     from PIL import Image
 
     frame = read_gqa(csv_path, image_dir)

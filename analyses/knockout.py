@@ -62,7 +62,7 @@ def block_scores(
 
     Example:
         >>> hook = partial(block_scores, target=inputs.mask("last"), source=inputs.mask("image"))
-        >>> logits = model.run_with_hooks(inputs, fwd_hooks=[("blocks.3.attn.hook_attn_scores", hook)])
+        >>> logits = model.run_with_hooks(inputs, fwd_hooks=[("blocks.1.attn.hook_attn_scores", hook)])
     """
     target, source = target.to(scores.device), source.to(scores.device)
     queries = target.any(0).nonzero()[:, 0]  # only these query rows change: edit them alone
@@ -88,7 +88,7 @@ def knockout(
         layers: a layer or the layers to block in; the causal mask stays everywhere.
 
     Example:
-        >>> logits = knockout(model, inputs, "image", "last", layers=range(0, 5))
+        >>> logits = knockout(model, inputs, "image", "last", layers=range(0, 2))
     """
     hook = partial(block_scores, target=inputs.as_mask(target), source=inputs.as_mask(source))
     hooks = [(f"blocks.{layer}.attn.hook_attn_scores", hook) for layer in _layers(model, layers)]

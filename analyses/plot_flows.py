@@ -133,10 +133,13 @@ def plot_sweep(knockout: pd.DataFrame, title: str | None = None, columns: int = 
         columns: panels per row.
 
     Example:
-        >>> plot_sweep(run_sweep(model, shapes_examples(50), "runs/shapes")["knockout"]).savefig("sweep.png")
+        >>> runs = knockout_sweep(model, inputs, ["image->last", "question->last"]).assign(category="demo")
+        >>> plot_sweep(runs).savefig("sweep.png")  # usually run_sweep(...)["knockout"]
     """
     from .knockout import summarize_knockout
 
+    if not len(knockout):
+        raise ValueError("nothing to plot: the sweep kept no correctly answered examples.")
     categories = list(dict.fromkeys(knockout["category"]))
     rows = -(-len(categories) // columns)
     fig = Figure(figsize=(4.2 * min(columns, len(categories)), 3.0 * rows), layout="constrained")

@@ -31,7 +31,12 @@ DEFAULT_FLOWS = ["question->last", "image->last", "image->question", "last->last
 
 @dataclass
 class SweepExample:
-    """One question about one image; `image` is a PIL image or a zero-argument loader."""
+    """One question about one image; `image` is a PIL image or a zero-argument loader.
+
+    Example:
+        >>> prompt = LLAVA15_TEMPLATE.format(question="What is the color of the circle?")
+        >>> SweepExample("q1", "Colour", prompt, "red", image, boxes=[(0, 0, 16, 16)]).load_image().size
+    """
 
     id: str
     category: str
@@ -47,7 +52,11 @@ class SweepExample:
 def shapes_examples(
     n_per_category: int, seed: int = 777, categories: Iterable[str] | None = None
 ) -> list[SweepExample]:
-    """Generated Shapes-world examples (a seed apart from training), `n_per_category` of each."""
+    """Generated Shapes-world examples (a seed apart from training), `n_per_category` of each.
+
+    Example:
+        >>> [ex.id for ex in shapes_examples(1)][:2]  # ['Colour-0000', 'ChooseAttr-0000']
+    """
     from hooked_llava.shapes import CATEGORIES, make_dataset
 
     examples = make_dataset(seed, n_per_category, tuple(categories or CATEGORIES))
@@ -61,7 +70,11 @@ def shapes_examples(
 
 
 def answer_token(model: HookedLlava, answer: str) -> int:
-    """The first token of the answer as it follows the prompt."""
+    """The first token of the answer as it follows the prompt.
+
+    Example:
+        >>> answer_token(model, "red") == model.to_single_token("red")
+    """
     ids = model.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"answer {answer!r} tokenises to nothing.")
@@ -125,8 +138,8 @@ def run_sweep(
         `knockout_sweep` columns plus id and category, correct examples only) and "lens".
 
     Example:
-        >>> tables = run_sweep(model, shapes_examples(50), "runs/shapes")
-        >>> summarize_knockout(tables["knockout"])
+        >>> tables = run_sweep(model, shapes_examples(2), "runs/shapes")  # 2 per category; resumes on rerun
+        >>> tables["examples"].groupby("category")["correct"].mean()  # then summarize_knockout(tables["knockout"])
     """
     done_dir = Path(out_dir) / "examples"
     done_dir.mkdir(parents=True, exist_ok=True)
@@ -144,7 +157,11 @@ def run_sweep(
 
 
 def collect(out_dir: str | Path, ids: list[str] | None = None) -> dict[str, pd.DataFrame]:
-    """Gather the per-example files of a sweep into tables, in example order."""
+    """Gather the per-example files of a sweep into tables, in example order.
+
+    Example:
+        >>> collect("runs/shapes")["examples"]  # what a sweep has finished so far
+    """
     done_dir = Path(out_dir) / "examples"
     ids = ids or sorted(p.name.split(".")[0] for p in done_dir.glob("*.examples.csv"))
     tables = {}
@@ -155,6 +172,10 @@ def collect(out_dir: str | Path, ids: list[str] | None = None) -> dict[str, pd.D
 
 
 def iter_rows(frame: pd.DataFrame) -> Iterator[tuple[int, pd.Series]]:
-    """Rows with their line number in the CSV file (header is line 1)."""
+    """Rows with their line number in the CSV file (header is line 1).
+
+    Example:
+        >>> [line for line, _ in iter_rows(pd.DataFrame({"a": [1, 2]}))]  # [2, 3]
+    """
     for i, (_, row) in enumerate(frame.iterrows()):
         yield i + 2, row
