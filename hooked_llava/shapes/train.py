@@ -1,0 +1,314 @@
+"""Train the Shapes LLaVA from scratch: the LLaVA recipe in miniature, on two CPU cores.
+
+1. CLIP: a tiny ``CLIPModel`` trained contrastively on scenes and their captions; only the
+   vision tower is kept.
+2. Base LM: a tiny ``LlamaForCausalLM`` trained on scene descriptions and text-only QA.
+3. Projector alignment: vision tower and LM frozen, the projector trained on captioning.
+4. Visual instruction tuning: vision tower frozen, projector and LM trained on visual QA,
+   with some text-only QA kept so that the LLaVA still answers it.
+
+Run ``python -m hooked_llava.shapes.train --out DIR --seed 0``; it writes ``DIR/shapes-lm`` and
+``DIR/shapes-llava`` in HF format and logs stage, step, loss and elapsed time to stdout.
+Every random draw comes from the seed, so a re-run reproduces the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import CLIPModel, LlamaForCausalLM, LlavaForConditionalGeneration
+
+from .data import (
+    ANSWER,
+    TEXT,
+    answer_branch,
+    collate,
+    encode,
+    pack,
+    pixel_values,
+    qa_sequence,
+    scene_questions,
+    visual_prefix,
+)
+from .evaluate import EVAL_SEED, correct
+from .questions import CAPTION_QUESTION, CATEGORIES, make_dataset
+from .recipe import Recipe, Stage, clip_config, llava_config, smoke_recipe, text_config
+from .tokenizer import EOS, PAD, VOCAB, build_processor
+from .world import ShapesWorld
+
+VALID_SEED = 777_777  # quick checks during training; neither a training nor the evaluation seed
+
+
+class Logger:
+    """Prints progress lines with the time elapsed since the start of training."""
+
+    def __init__(self) -> None:
+        self.start = time.time()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{time.time() - self.start:7.1f}s] {msg}", flush=True)
+
+
+def world_for(seed: int, stage: int) -> ShapesWorld:
+    """The data world of a training stage; distinct from the evaluation world."""
+    world_seed = 1000 * seed + stage
+    assert world_seed not in (EVAL_SEED, VALID_SEED)
+    return ShapesWorld(world_seed)
+
+
+def optimise(
+    name: str, params: list, stage: Stage, loss_fn: Callable[[int], tuple], log: Logger, every: int, probe=None
+) -> None:
+    """AdamW, linear warm-up, cosine decay; ``loss_fn(step)`` gives (loss, answer accuracy).
+
+    ``probe(step)``, if given, is called after every progress line (e.g. a validation check).
+    """
+    opt = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.98), weight_decay=stage.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < stage.warmup:
+            return (step + 1) / stage.warmup
+        progress = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    losses, accs = [], []
+    for step in range(stage.steps):
+        loss, acc = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        accs.append(acc)
+        if (step + 1) % every == 0 or step + 1 == stage.steps:
+            log(f"{name} step {step + 1}/{stage.steps} loss {np.mean(losses):.4f} answer acc {np.mean(accs):.3f}")
+            losses, accs = [], []
+            if probe is not None:
+                probe(step + 1)
+
+
+def token_loss(logits: torch.Tensor, b: dict[str, torch.Tensor], text_weight: float) -> tuple[torch.Tensor, float]:
+    """Mean cross-entropy on answer words plus ``text_weight`` × that on other targets.
+
+    Separate means keep the answers' weight fixed however long the descriptions and captions
+    in a batch are. Returns the loss and the arg-max accuracy on the answer words.
+    """
+    answers, text = b["kinds"] == ANSWER, b["kinds"] == TEXT
+    loss = logits.new_zeros(())
+    for keep, weight in ((answers, 1.0), (text, text_weight)):
+        if keep.any() and weight:
+            loss = loss + weight * F.cross_entropy(logits[keep], b["targets"][keep])
+    acc = (logits[answers].argmax(-1) == b["targets"][answers]).float().mean().item() if answers.any() else 0.0
+    return loss, acc
+
+
+def train_clip(recipe: Recipe, seed: int, log: Logger) -> CLIPModel:
+    """Stage 1: contrastive CLIP on scenes and their captions (caption pooled at ``</s>``)."""
+    torch.manual_seed(seed)
+    clip, world, B = CLIPModel(clip_config()), world_for(seed, 1), recipe.clip.batch
+
+    def loss_fn(step: int):
+        scenes = [world.scene(step * B + j) for j in range(B)]
+        caps = [list(encode(s.describe())) + [VOCAB.index(EOS)] for s in scenes]
+        ids = torch.full((B, max(map(len, caps))), VOCAB.index(PAD))
+        for j, c in enumerate(caps):
+            ids[j, : len(c)] = torch.tensor(c)
+        lengths = torch.tensor([len(c) for c in caps])
+        mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
+        text = clip.text_model(input_ids=ids, attention_mask=mask).last_hidden_state[torch.arange(B), lengths - 1]
+        image = clip.vision_model(pixel_values=pixel_values([s.image for s in scenes])).pooler_output
+        t = F.normalize(clip.text_projection(text), dim=-1)
+        v = F.normalize(clip.visual_projection(image), dim=-1)
+        logits = clip.logit_scale.exp() * v @ t.T
+        labels = torch.arange(B)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        return loss, (logits.argmax(-1) == labels).float().mean().item()
+
+    optimise("clip", list(clip.parameters()), recipe.clip, loss_fn, log, recipe.log_every)
+    return clip
+
+
+def qa_batch(world: ShapesWorld, step: int, n: int, visual: bool, recipe: Recipe, offset: int = 0) -> list:
+    """Packed QA sequences for items ``step * n ...``; a caption branch with chance ``caption_prob``."""
+    seqs = []
+    for j in range(n):
+        k = step * n + j
+        scene, questions = scene_questions(world, k, offset)
+        caption = world.rng(k, 200 + offset).random() < recipe.caption_prob
+        seqs.append(qa_sequence(scene, questions, visual, caption, describe=recipe.describe_loss))
+    return seqs
+
+
+def train_lm(recipe: Recipe, seed: int, log: Logger) -> LlamaForCausalLM:
+    """Stage 2: the base LM on scene descriptions and text-only QA."""
+    torch.manual_seed(seed)
+    lm, world = LlamaForCausalLM(text_config()), world_for(seed, 2)
+
+    def loss_fn(step: int):
+        b = collate(qa_batch(world, step, recipe.lm.batch, False, recipe))
+        logits = lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"]).logits
+        return token_loss(logits, b, recipe.text_weight)
+
+    probe = make_probe(recipe, "lm text", lm, build_processor().tokenizer, False, log)
+    optimise("lm", list(lm.parameters()), recipe.lm, loss_fn, log, recipe.log_every, probe)
+    return lm
+
+
+def assemble(clip: CLIPModel, lm: LlamaForCausalLM) -> LlavaForConditionalGeneration:
+    """A LLaVA from the CLIP vision tower, a fresh projector and the base LM (all copied)."""
+    llava = LlavaForConditionalGeneration(llava_config())
+    llava.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
+    llava.model.language_model.load_state_dict(lm.model.state_dict())
+    llava.lm_head.load_state_dict(lm.lm_head.state_dict())
+    return llava
+
+
+def llava_loss(llava: LlavaForConditionalGeneration, seqs: list, text_weight: float) -> tuple[torch.Tensor, float]:
+    b = collate(seqs)
+    out = llava(
+        input_ids=b["input_ids"],
+        pixel_values=b.get("pixel_values"),
+        attention_mask=b["attention_mask"],
+        position_ids=b["position_ids"],
+    )
+    return token_loss(out.logits, b, text_weight)
+
+
+def train_align(llava: LlavaForConditionalGeneration, recipe: Recipe, seed: int, log: Logger) -> None:
+    """Stage 3: only the projector learns, on captioning."""
+    torch.manual_seed(seed)
+    world, B = world_for(seed, 3), recipe.align.batch
+    llava.requires_grad_(False)
+    llava.model.multi_modal_projector.requires_grad_(True)
+    prefix = visual_prefix()
+
+    def loss_fn(step: int):
+        scenes = [world.scene(step * B + j) for j in range(B)]
+        seqs = [
+            pack(*prefix, [answer_branch(CAPTION_QUESTION, s.describe(), kind=TEXT)], image=s.image) for s in scenes
+        ]
+        return llava_loss(llava, seqs, 1.0)
+
+    optimise(
+        "align", list(llava.model.multi_modal_projector.parameters()), recipe.align, loss_fn, log, recipe.log_every
+    )
+
+
+def train_tune(llava: LlavaForConditionalGeneration, recipe: Recipe, seed: int, log: Logger) -> None:
+    """Stage 4: projector and LM on visual QA, with a share of text-only QA."""
+    torch.manual_seed(seed)
+    world, B = world_for(seed, 4), recipe.tune.batch
+    n_text = round(B * recipe.text_share)
+    llava.requires_grad_(True)
+    llava.model.vision_tower.requires_grad_(False)
+
+    def loss_fn(step: int):
+        seqs = qa_batch(world, step, B - n_text, True, recipe)
+        seqs += qa_batch(world, step, n_text, False, recipe, offset=3)
+        return llava_loss(llava, seqs, recipe.text_weight)
+
+    params = [p for p in llava.parameters() if p.requires_grad]
+    probe = make_probe(recipe, "llava visual", llava, build_processor(), True, log)
+    optimise("tune", params, recipe.tune, loss_fn, log, recipe.log_every, probe)
+
+
+def quick_check(name: str, model, processor, visual: bool, n: int, log: Logger) -> dict[str, float]:
+    """Accuracy per category on ``n`` validation questions each (not the evaluation seed)."""
+    model.eval()
+    examples = make_dataset(VALID_SEED, n, CATEGORIES)
+    ok = correct(model, processor, examples, visual=visual)
+    acc = {c: float(np.mean([o for o, e in zip(ok, examples) if e.category == c])) for c in CATEGORIES}
+    log(f"check {name}: " + " ".join(f"{c} {a:.3f}" for c, a in acc.items()) + f" | all {np.mean(ok):.3f}")
+    model.train()
+    return acc
+
+
+def make_probe(recipe: Recipe, name: str, model, processor, visual: bool, log: Logger):
+    """A validation check every ``recipe.probe_every`` steps, or None."""
+    if not recipe.probe_every:
+        return None
+
+    def probe(step: int) -> None:
+        if step % recipe.probe_every == 0:
+            quick_check(f"{name} @{step}", model, processor, visual, recipe.probe_n, log)
+
+    return probe
+
+
+def train(out: str | Path, seed: int = 0, recipe: Recipe | None = None, threads: int = 2, check: int = 100) -> dict:
+    """Run the four stages and save ``out/shapes-lm`` and ``out/shapes-llava``.
+
+    Args:
+        out: Output directory.
+        seed: Seed of every random draw (data, initialisation).
+        recipe: Stage settings; ``Recipe()`` by default.
+        threads: CPU threads for torch.
+        check: Validation questions per category after stages 2 and 4 (0 to skip).
+
+    Returns:
+        A summary: seed, recipe, time per stage and the validation accuracies.
+    """
+    recipe = recipe or Recipe()
+    torch.set_num_threads(threads)
+    log, times, checks, cpu0 = Logger(), {}, {}, time.process_time()
+    processor = build_processor()
+    log(f"training Shapes LLaVA, seed {seed}, {threads} threads, recipe {recipe.to_dict()}")
+
+    def timed(stage: str, fn, *args):
+        t = time.time()
+        result = fn(*args)
+        times[stage] = round(time.time() - t, 1)
+        return result
+
+    clip = timed("1_clip", train_clip, recipe, seed, log)
+    lm = timed("2_lm", train_lm, recipe, seed, log)
+    if check:
+        checks["lm_text"] = quick_check("lm text", lm, processor.tokenizer, False, check, log)
+    llava = assemble(clip, lm)
+    timed("3_align", train_align, llava, recipe, seed, log)
+    timed("4_tune", train_tune, llava, recipe, seed, log)
+    if check:
+        checks["llava_visual"] = quick_check("llava visual", llava, processor, True, check, log)
+        checks["llava_text"] = quick_check("llava text", llava, processor, False, check, log)
+    summary = {"seed": seed, "threads": threads, "recipe": recipe.to_dict(), "seconds": times, "checks": checks}
+    summary["seconds"]["total"] = round(sum(times.values()), 1)
+    summary["cpu_seconds"] = round(time.process_time() - cpu0, 1)  # all threads; wall time suffers from other load
+    save(Path(out), lm.eval(), llava.eval(), processor, summary)
+    log(f"saved to {out}; training took {summary['seconds']['total']:.0f} s")
+    return summary
+
+
+def save(out: Path, lm, llava, processor, summary: dict) -> None:
+    """Write both checkpoints in HF format (safetensors), with a training summary each."""
+    for name, model, proc in (("shapes-lm", lm, processor.tokenizer), ("shapes-llava", llava, processor)):
+        path = out / name
+        model.save_pretrained(path)
+        proc.save_pretrained(path)
+        (path / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="Train the Shapes LLaVA (all four stages) on CPU.")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
+    parser.add_argument("--smoke", action="store_true", help="a few tiny steps of each stage")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--check", type=int, default=100, help="validation questions per category (0: none)")
+    args = parser.parse_args(argv)
+    recipe = smoke_recipe() if args.smoke else Recipe().scaled(args.scale)
+    return train(args.out, args.seed, recipe, args.threads, 0 if args.smoke else args.check)
+
+
+if __name__ == "__main__":
+    main()
