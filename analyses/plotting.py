@@ -214,7 +214,7 @@ def plot_anyres_maps(
         row, alpha, cmap: which row, heat opacity, colour map.
 
     Example:
-        >>> fig = plot_anyres_maps(random_images(1)[0], inputs, torch.rand(inputs.shape))  # e.g. anyres.token_importance
+        >>> fig = plot_anyres_maps(random_images(1)[0], inputs, torch.rand(inputs.shape))  # e.g. token_importance
     """
     kinds = [k for k in ("base", "highres") if (inputs.image_map().kind == k).any()]
     fig = Figure(figsize=(4.2 * len(kinds), 4.0), layout="constrained")
