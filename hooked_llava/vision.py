@@ -6,13 +6,17 @@ last block and the post-LayerNorm never reach the language model, so they are no
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
+from transformer_lens import FactoredMatrix
 
 from .components import ACTIVATIONS, MLP, Attention, HookPoint, LayerNorm, TransformerBlock
 from .config import ProjectorConfig, VisionConfig
+from .weights import ov_circuit, qk_circuit
 
 
 class VisionTower(nn.Module):
@@ -53,40 +57,23 @@ class VisionTower(nn.Module):
         features = torch.cat([states[k] for k in self.cfg.feature_layers], dim=-1)
         return features[:, 1:] if self.cfg.select_strategy == "default" else features
 
-    @property
-    def W_Q(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
-        return torch.stack([b.attn.W_Q for b in self.blocks])
+    def _stack(self, get: Any) -> Tensor:
+        return torch.stack([get(b) for b in self.blocks])
+
+    # Per-layer weights of the computed blocks, in TransformerLens layout ([n_layers, ...]).
+    W_Q = property(lambda self: self._stack(lambda b: b.attn.W_Q))
+    W_K = property(lambda self: self._stack(lambda b: b.attn.W_K))
+    W_V = property(lambda self: self._stack(lambda b: b.attn.W_V))
+    W_O = property(lambda self: self._stack(lambda b: b.attn.W_O))
+    W_in = property(lambda self: self._stack(lambda b: b.mlp.W_in))
+    W_out = property(lambda self: self._stack(lambda b: b.mlp.W_out))
 
     @property
-    def W_K(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
-        return torch.stack([b.attn.W_K for b in self.blocks])
-
-    @property
-    def W_V(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
-        return torch.stack([b.attn.W_V for b in self.blocks])
-
-    @property
-    def W_O(self) -> Float[Tensor, "n_layers n_heads d_head d_model"]:
-        return torch.stack([b.attn.W_O for b in self.blocks])
-
-    @property
-    def W_in(self) -> Float[Tensor, "n_layers d_model d_mlp"]:
-        return torch.stack([b.mlp.W_in for b in self.blocks])
-
-    @property
-    def W_out(self) -> Float[Tensor, "n_layers d_mlp d_model"]:
-        return torch.stack([b.mlp.W_out for b in self.blocks])
-
-    @property
-    def QK(self):
-        from .weights import qk_circuit
-
+    def QK(self) -> FactoredMatrix:
         return qk_circuit(self.W_Q, self.W_K)
 
     @property
-    def OV(self):
-        from .weights import ov_circuit
-
+    def OV(self) -> FactoredMatrix:
         return ov_circuit(self.W_V, self.W_O)
 
 
