@@ -115,12 +115,23 @@ def tiny_llava_config(
     return cfg
 
 
-def tiny_hf_llava(seed: int = 0, **config: Any) -> Any:
-    """A randomly initialised `LlavaForConditionalGeneration` in eval mode."""
+def tiny_hf_llava(seed: int = 0, random_norms: bool = False, **config: Any) -> Any:
+    """A randomly initialised `LlavaForConditionalGeneration` in eval mode.
+
+    `random_norms` draws the language model's RMSNorm weights around 1 (HF initialises them to
+    ones), so a computation that forgets the norm weight shows up in comparisons.
+    """
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(tiny_llava_config(**config)).eval()
+    hf = LlavaForConditionalGeneration(tiny_llava_config(**config)).eval()
+    if random_norms:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in hf.model.language_model.named_parameters():
+                if "norm" in name:
+                    p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
+    return hf
 
 
 def tiny_model(seed: int = 0, **config: Any) -> tuple[Any, Any]:

@@ -25,12 +25,7 @@ def setup():
     from hooked_llava import HookedLlava
     from hooked_llava.testing import random_images, tiny_hf_llava, tiny_processor
 
-    hf = tiny_hf_llava(seed=3)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in hf.model.language_model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
+    hf = tiny_hf_llava(seed=3, random_norms=True)
     model = HookedLlava.from_hf(hf, tiny_processor())
     inputs = model.prepare(images=random_images(2, seed=4), prompts=PROMPTS)
     return model, hf, inputs
