@@ -24,6 +24,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and timings stay steady on the 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """`(HookedLlava, HF LlavaForConditionalGeneration)` with the same random weights (GQA, layer -2)."""

@@ -12,14 +12,6 @@ from analyses.plot_flows import plot_head_scan
 QUESTIONS = ["What is the color of the circle?", "Is the square red?"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pair():
     """A 3-layer GQA model (4 heads, 2 KV heads) and its HF twin."""

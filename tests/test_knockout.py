@@ -24,15 +24,6 @@ QUESTIONS = ["What is the color of the circle?", "Is the square red?"]
 BOXES = [[(0, 0, 12, 12)], [(8, 16, 30, 31)]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for the 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def deep():
     """A 12-layer model (enough for a full 9-layer window) and its HF twin."""

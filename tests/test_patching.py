@@ -28,14 +28,6 @@ QUESTIONS = ["What is the color of the circle?", "Is the square red?"]
 every = slice(None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model():
     from hooked_llava.testing import tiny_model
