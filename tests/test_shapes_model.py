@@ -12,6 +12,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from hooked_llava.shapes import CATEGORIES, checkpoint_path, make_dataset
 from hooked_llava.shapes.evaluate import EVAL_SEED, accuracy_table, load
@@ -87,3 +88,31 @@ def test_llava_language_model_matches_base_architecture(models):
     assert llava.config.image_token_id == processor.image_token_id
     assert llava.config.vision_feature_layer == -2 and llava.config.vision_feature_select_strategy == "default"
     assert len(processor.tokenizer) == lm.config.vocab_size == llava.config.text_config.vocab_size
+
+
+@pytest.mark.parametrize("name", ["shapes-llava", "shapes-lm"])
+def test_hooked_from_pretrained_matches_hf_offline(name, monkeypatch):
+    """The short name loads with no network and gives HF's logits on the shipped directory."""
+    from transformers import AutoProcessor, LlamaForCausalLM, LlavaForConditionalGeneration
+
+    from hooked_llava import HookedLlava
+    from hooked_llava.shapes import ShapesWorld
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = checkpoint_path(name)
+    model = HookedLlava.from_pretrained(name)
+    examples = [ShapesWorld(EVAL_SEED).example(i, c) for i, c in enumerate(CATEGORIES)]
+    if name == "shapes-llava":
+        hf = LlavaForConditionalGeneration.from_pretrained(path).eval()
+        processor = AutoProcessor.from_pretrained(path)
+        enc = processor(
+            images=[e.image for e in examples], text=[e.prompt for e in examples], padding=True, return_tensors="pt"
+        )
+    else:
+        hf = LlamaForCausalLM.from_pretrained(path).eval()
+        enc = AutoProcessor.from_pretrained(path)([e.text_prompt for e in examples], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = hf(**enc).logits
+        got = model(enc["input_ids"], enc.get("pixel_values"), enc["attention_mask"])
+    mask = enc["attention_mask"].bool()
+    torch.testing.assert_close(got[mask], expected[mask], atol=1e-4, rtol=1e-4)

@@ -59,6 +59,7 @@ def test_smoke_training_saves_loadable_checkpoints(smoke_run):
 
     out, summary = smoke_run
     assert set(summary["seconds"]) == {"1_clip", "2_lm", "3_align", "4_tune", "total"}
+    assert summary["bind_steps"] == 2  # the recall warm-up ran (and did not reach its accuracy target)
     llava = LlavaForConditionalGeneration.from_pretrained(out / "shapes-llava")
     lm = LlamaForCausalLM.from_pretrained(out / "shapes-lm")
     processor = AutoProcessor.from_pretrained(out / "shapes-llava")

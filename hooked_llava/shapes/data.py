@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .questions import CAPTION_QUESTION, CATEGORIES, IMAGE_TOKEN, TARGETS, Question, ask
+from .questions import CAPTION_QUESTION, CATEGORIES, IMAGE_TOKEN, TARGETS, Question, ask, colour_question
 from .tokenizer import BOS, EOS, PAD, VOCAB
 from .world import Scene, ShapesWorld
 
@@ -83,7 +83,7 @@ def text_prefix(description: str, supervise: bool) -> tuple[list[int], list[int]
 
 
 def scene_questions(world: ShapesWorld, k: int, offset: int = 0) -> tuple[Scene, list[Question]]:
-    """Scene of training item ``k`` and one question of every category it supports.
+    """Scene of training item ``k``, one question of every category it supports, and the colour of every object.
 
     The scene comes from ``world.example`` for category ``k mod 7`` (so answers stay balanced);
     the other categories are asked about the same scene with a random wanted answer.
@@ -98,6 +98,10 @@ def scene_questions(world: ShapesWorld, k: int, offset: int = 0) -> tuple[Scene,
         rng.shuffle(targets)
         q = next((q for t in targets if (q := ask(ex.scene.objects, c, rng, t, world.image_size))), None)
         if q is not None:
+            questions.append(q)
+    asked = {q.text for q in questions}
+    for o in ex.scene.objects:  # the colour of every object: binding words to objects is the hard part
+        if (q := colour_question(o)).text not in asked:
             questions.append(q)
     order = rng.permutation(len(questions))
     return ex.scene, [questions[i] for i in order]

@@ -109,9 +109,13 @@ def _ordered(rng: np.random.Generator, true: str, false: str) -> tuple[str, str]
     return (true, false) if rng.random() < 0.5 else (false, true)
 
 
-def _colour(objs: list[ShapeObject], rng: np.random.Generator, target: str | None, size: int) -> Question:
-    o = _pick(rng, objs)
+def colour_question(o: ShapeObject) -> Question:
+    """Study A's question: "What is the color of the circle?", answered after "The color of the circle is"."""
     return Question(f"What is the color of the {o.shape}?", o.color, (o.shape,), (), f" The color of the {o.shape} is")
+
+
+def _colour(objs: list[ShapeObject], rng: np.random.Generator, target: str | None, size: int) -> Question:
+    return colour_question(_pick(rng, objs))
 
 
 def _choose_attr(objs: list[ShapeObject], rng: np.random.Generator, target: str | None, size: int) -> Question:

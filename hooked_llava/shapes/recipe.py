@@ -99,25 +99,34 @@ class Recipe:
 
     Attributes:
         clip: Stage 1, contrastive CLIP on scenes and their captions.
+        bind: Stage 2a, associative recall of a shape's colour on short sequences (at most
+            ``steps``; it stops at ``bind_until`` accuracy). ``steps=0`` skips it.
+        bind_until: Recall accuracy (mean over a progress interval) that ends stage 2a.
         lm: Stage 2, the base language model on descriptions and text-only QA.
         align: Stage 3, the projector alone on captioning (vision tower and LM frozen).
         tune: Stage 4, projector and LM on visual QA plus some text-only QA (vision frozen).
         caption_prob: Chance that a QA sequence also carries a "Describe the image." branch.
         text_weight: Weight of the description and caption loss relative to the answers' loss.
         describe_loss: Whether text-only sequences have a language-modelling loss on the description.
+        embed_init: Standard deviation of the base LM's initial token embeddings (HF uses 0.02;
+            a larger one keeps token identity visible in the residual stream, which the
+            recall questions need early in training).
         text_share: Share of text-only QA sequences in each stage-4 batch.
         log_every: Steps between progress lines.
         probe_every: Steps between validation checks during stages 2 and 4 (0: none).
         probe_n: Questions per category in those checks.
     """
 
-    clip: Stage = field(default_factory=lambda: Stage(steps=600, batch=128, lr=1e-3))
-    lm: Stage = field(default_factory=lambda: Stage(steps=1500, batch=32, lr=1e-3))
-    align: Stage = field(default_factory=lambda: Stage(steps=200, batch=32, lr=1e-3))
-    tune: Stage = field(default_factory=lambda: Stage(steps=2500, batch=32, lr=5e-4))
+    clip: Stage = field(default_factory=lambda: Stage(steps=400, batch=96, lr=1e-3, warmup=30))
+    bind: Stage = field(default_factory=lambda: Stage(steps=3000, batch=48, lr=1e-3))
+    bind_until: float = 0.98
+    lm: Stage = field(default_factory=lambda: Stage(steps=1000, batch=16, lr=2e-3))
+    align: Stage = field(default_factory=lambda: Stage(steps=150, batch=16, lr=1e-3, warmup=20))
+    tune: Stage = field(default_factory=lambda: Stage(steps=1500, batch=16, lr=1e-3))
     caption_prob: float = 0.5
     text_weight: float = 0.2
     describe_loss: bool = True
+    embed_init: float = 1.0
     text_share: float = 0.25
     log_every: int = 50
     probe_every: int = 0
@@ -129,7 +138,8 @@ class Recipe:
         def f(s: Stage) -> Stage:
             return replace(s, steps=max(2, round(s.steps * factor)), warmup=max(1, round(s.warmup * factor)))
 
-        return replace(self, clip=f(self.clip), lm=f(self.lm), align=f(self.align), tune=f(self.tune))
+        stages = {k: f(getattr(self, k)) for k in ("clip", "bind", "lm", "align", "tune")}
+        return replace(self, **stages)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,4 +148,4 @@ class Recipe:
 def smoke_recipe() -> Recipe:
     """A few tiny steps of every stage, to check that the script still runs end to end."""
     tiny = Stage(steps=2, batch=4, lr=1e-3, warmup=1)
-    return Recipe(clip=tiny, lm=tiny, align=tiny, tune=tiny, log_every=1)
+    return Recipe(clip=tiny, bind=tiny, lm=tiny, align=tiny, tune=tiny, log_every=1)
