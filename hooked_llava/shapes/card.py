@@ -65,7 +65,8 @@ def _recipe(summary: dict) -> str:
         lines.append(f"| {name} | {what} | {st['steps']} × {st['batch']} | {st['lr']:g} | {s[t] / 60:.1f} min |")
         if key == "clip" and r.get("bind", {}).get("steps"):
             b, n = r["bind"], summary.get("bind_steps", r["bind"]["steps"])
-            what = f"associative recall on short sequences (`<s> red circle blue square square` → blue), until {r['bind_until']:.0%} accuracy"
+            what = "associative recall, `<s> red circle blue square square` → blue"
+            what += f", until {r['bind_until']:.0%} accuracy"
             lines.append(f"| 2a. recall warm-up | {what} | {n} × {b['batch']} | {b['lr']:g} | in stage 2 |")
     cpu = summary.get("cpu_seconds")
     cpu_note = f" (process CPU time {cpu / 60:.0f} min)" if cpu else ""
