@@ -120,9 +120,9 @@ class Recipe:
     clip: Stage = field(default_factory=lambda: Stage(steps=400, batch=96, lr=1e-3, warmup=30))
     bind: Stage = field(default_factory=lambda: Stage(steps=3000, batch=48, lr=1e-3))
     bind_until: float = 0.98
-    lm: Stage = field(default_factory=lambda: Stage(steps=1000, batch=16, lr=2e-3))
-    align: Stage = field(default_factory=lambda: Stage(steps=150, batch=16, lr=1e-3, warmup=20))
-    tune: Stage = field(default_factory=lambda: Stage(steps=1500, batch=16, lr=1e-3))
+    lm: Stage = field(default_factory=lambda: Stage(steps=2500, batch=16, lr=2e-3))
+    align: Stage = field(default_factory=lambda: Stage(steps=300, batch=16, lr=1e-3, warmup=20))
+    tune: Stage = field(default_factory=lambda: Stage(steps=1200, batch=16, lr=1e-3))
     caption_prob: float = 0.5
     text_weight: float = 0.2
     describe_loss: bool = True

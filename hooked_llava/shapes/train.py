@@ -231,12 +231,32 @@ def llava_loss(llava: LlavaForConditionalGeneration, seqs: list, text_weight: fl
     return token_loss(out.logits, b, text_weight)
 
 
+@torch.no_grad()
+def calibrate_projector(llava: LlavaForConditionalGeneration, images: list, log: Logger) -> None:
+    """Scale the fresh projector's output to the mean norm of the LM's token embeddings.
+
+    At HF's default initialisation, image tokens enter the residual stream some twenty times
+    smaller than word embeddings, so the first attention layers drown them and the LM ignores
+    the image for a long time. Rescaling the last linear layer (once, on a batch of scenes that
+    no stage trains on) puts them at the scale the LM was trained on.
+    """
+    model, proj = llava.model, llava.model.multi_modal_projector
+    features = model.get_image_features(pixel_values=pixel_values(images))
+    features = torch.cat(list(features.pooler_output if hasattr(features, "pooler_output") else features))
+    target = model.language_model.embed_tokens.weight.norm(dim=-1).mean()
+    ratio = target / features.norm(dim=-1).mean()
+    proj.linear_2.weight.mul_(ratio)
+    proj.linear_2.bias.mul_(ratio)
+    log(f"projector output scaled by {ratio.item():.1f} to the embeddings' mean norm {target.item():.1f}")
+
+
 def train_align(llava: LlavaForConditionalGeneration, recipe: Recipe, seed: int, log: Logger) -> None:
     """Stage 3: only the projector learns, on captioning."""
     torch.manual_seed(seed)
     world, B = world_for(seed, 3), recipe.align.batch
     llava.requires_grad_(False)
     llava.model.multi_modal_projector.requires_grad_(True)
+    calibrate_projector(llava, [world.scene(10**9 + j).image for j in range(B)], log)
     prefix = visual_prefix()
 
     def loss_fn(step: int):
