@@ -90,3 +90,18 @@ def test_smoke_training_is_deterministic(smoke_run, tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
+
+
+def test_reuse_lm_takes_stage_two_only_from_a_matching_run(smoke_run):
+    from hooked_llava.shapes.recipe import Recipe, smoke_recipe
+    from hooked_llava.shapes.train import Logger, reuse
+
+    out, summary = smoke_run
+    with pytest.raises(ValueError, match="other stage-2 settings"):
+        reuse(out / "shapes-lm", Recipe(), 0, summary["threads"], {}, Logger())
+    with pytest.raises(ValueError, match="seed or threads"):
+        reuse(out / "shapes-lm", smoke_recipe(), 1, summary["threads"], {}, Logger())
+    times: dict = {}
+    lm, bind_steps = reuse(out / "shapes-lm", smoke_recipe(), 0, summary["threads"], times, Logger())
+    assert bind_steps == summary["bind_steps"] and times["2_lm"] == summary["seconds"]["2_lm"]
+    assert lm.config.num_hidden_layers == 8

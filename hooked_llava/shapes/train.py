@@ -312,7 +312,14 @@ def make_probe(recipe: Recipe, name: str, model, processor, visual: bool, log: L
     return probe
 
 
-def train(out: str | Path, seed: int = 0, recipe: Recipe | None = None, threads: int = 2, check: int = 100) -> dict:
+def train(
+    out: str | Path,
+    seed: int = 0,
+    recipe: Recipe | None = None,
+    threads: int = 2,
+    check: int = 100,
+    reuse_lm: str | Path | None = None,
+) -> dict:
     """Run the four stages and save ``out/shapes-lm`` and ``out/shapes-llava``.
 
     Args:
@@ -321,6 +328,9 @@ def train(out: str | Path, seed: int = 0, recipe: Recipe | None = None, threads:
         recipe: Stage settings; ``Recipe()`` by default.
         threads: CPU threads for torch.
         check: Validation questions per category after stages 2 and 4 (0 to skip).
+        reuse_lm: A ``shapes-lm`` directory from an earlier run with the same seed, threads and
+            stage-2 settings, used instead of retraining stage 2 (which does not depend on stage 1,
+            so the result is the same); its recorded stage-2 time is kept.
 
     Returns:
         A summary: seed, recipe, time per stage and the validation accuracies.
@@ -338,7 +348,10 @@ def train(out: str | Path, seed: int = 0, recipe: Recipe | None = None, threads:
         return result
 
     clip = timed("1_clip", train_clip, recipe, seed, log)
-    lm, bind_steps = timed("2_lm", train_lm, recipe, seed, log)
+    if reuse_lm is None:
+        lm, bind_steps = timed("2_lm", train_lm, recipe, seed, log)
+    else:
+        lm, bind_steps = reuse(Path(reuse_lm), recipe, seed, threads, times, log)
     if check:
         checks["lm_text"] = quick_check("lm text", lm, processor.tokenizer, False, check, log)
     llava = assemble(clip, lm)
@@ -348,12 +361,25 @@ def train(out: str | Path, seed: int = 0, recipe: Recipe | None = None, threads:
         checks["llava_visual"] = quick_check("llava visual", llava, processor, True, check, log)
         checks["llava_text"] = quick_check("llava text", llava, processor, False, check, log)
     summary = {"seed": seed, "threads": threads, "recipe": recipe.to_dict(), "bind_steps": bind_steps}
-    summary |= {"seconds": times, "checks": checks}
+    summary |= {"seconds": times, "checks": checks, "stage2_reused": reuse_lm is not None}
     summary["seconds"]["total"] = round(sum(times.values()), 1)
     summary["cpu_seconds"] = round(time.process_time() - cpu0, 1)  # all threads; wall time suffers from other load
     save(Path(out), lm.eval(), llava.eval(), processor, summary)
     log(f"saved to {out}; training took {summary['seconds']['total']:.0f} s")
     return summary
+
+
+def reuse(path: Path, recipe: Recipe, seed: int, threads: int, times: dict, log: Logger):
+    """Load stage 2's output from an earlier run, refusing one made with other settings."""
+    before = json.loads((path / "training.json").read_text())
+    mine = recipe.to_dict()
+    same = ("bind", "bind_until", "lm", "embed_init", "caption_prob", "text_weight", "describe_loss")
+    differ = [k for k in same if before["recipe"].get(k) != mine[k]]
+    if before["seed"] != seed or before["threads"] != threads or differ:
+        raise ValueError(f"{path} was trained with other stage-2 settings ({differ or 'seed or threads'})")
+    times["2_lm"] = before["seconds"]["2_lm"]
+    log(f"reusing the stage-2 LM from {path} (trained in {times['2_lm']:.0f} s)")
+    return LlamaForCausalLM.from_pretrained(path).train(), before["bind_steps"]
 
 
 def save(out: Path, lm, llava, processor, summary: dict) -> None:
@@ -375,11 +401,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--check", type=int, default=100, help="validation questions per category (0: none)")
     parser.add_argument("--probe-every", type=int, default=0, help="validation check every N steps of stages 2 and 4")
     parser.add_argument("--tune-lr", type=float, default=None, help="learning rate of stage 4")
+    parser.add_argument("--reuse-lm", default=None, help="a shapes-lm directory from a run with the same stage 2")
     args = parser.parse_args(argv)
     recipe = smoke_recipe() if args.smoke else Recipe(probe_every=args.probe_every).scaled(args.scale)
     if args.tune_lr is not None:
         recipe = replace(recipe, tune=replace(recipe.tune, lr=args.tune_lr))
-    return train(args.out, args.seed, recipe, args.threads, 0 if args.smoke else args.check)
+    return train(args.out, args.seed, recipe, args.threads, 0 if args.smoke else args.check, args.reuse_lm)
 
 
 if __name__ == "__main__":
