@@ -235,10 +235,10 @@ def llava_loss(llava: LlavaForConditionalGeneration, seqs: list, text_weight: fl
 def calibrate_projector(llava: LlavaForConditionalGeneration, images: list, log: Logger) -> None:
     """Scale the fresh projector's output to the mean norm of the LM's token embeddings.
 
-    At HF's default initialisation, image tokens enter the residual stream some twenty times
-    smaller than word embeddings, so the first attention layers drown them and the LM ignores
-    the image for a long time. Rescaling the last linear layer (once, on a batch of scenes that
-    no stage trains on) puts them at the scale the LM was trained on.
+    At HF's default initialisation, image tokens enter the residual stream about twenty times
+    smaller than word embeddings (whose initial std is ``recipe.embed_init``), where the first
+    attention layers' outputs swamp them. Rescaling the last linear layer once, on a batch of
+    scenes that no stage trains on, puts them at the scale the LM was trained on.
     """
     model, proj = llava.model, llava.model.multi_modal_projector
     features = model.get_image_features(pixel_values=pixel_values(images))
