@@ -241,8 +241,7 @@ def calibrate_projector(llava: LlavaForConditionalGeneration, images: list, log:
     scenes that no stage trains on, puts them at the scale the LM was trained on.
     """
     model, proj = llava.model, llava.model.multi_modal_projector
-    features = model.get_image_features(pixel_values=pixel_values(images))
-    features = torch.cat(list(features.pooler_output if hasattr(features, "pooler_output") else features))
+    features = torch.cat(list(model.get_image_features(pixel_values=pixel_values(images)).pooler_output))
     target = model.language_model.embed_tokens.weight.norm(dim=-1).mean()
     ratio = target / features.norm(dim=-1).mean()
     proj.linear_2.weight.mul_(ratio)
