@@ -181,6 +181,25 @@ def test_patches_of():
     assert world.patches_of((56, 56, 64, 64)) == [63]
 
 
+def test_object_patches_count_drawn_pixels():
+    world = ShapesWorld(3)
+    for i in range(20):
+        scene = world.scene(i)
+        found = world.object_patches(scene)
+        counts = []
+        for o in scene.objects:  # pixel by pixel: which patch each drawn pixel falls in
+            m, x0, y0 = shape_mask(o.shape, o.size), int(o.center[0] - o.size / 2), int(o.center[1] - o.size / 2)
+            c = np.zeros(64, dtype=int)
+            for y, x in zip(*np.nonzero(m)):
+                c[(y0 + y) // 8 * 8 + (x0 + x) // 8] += 1
+            counts.append(c)
+        for k, (o, patches) in enumerate(zip(scene.objects, found)):
+            expected = [j for j in range(64) if counts[k][j] >= 8 and all(counts[k][j] >= c[j] for c in counts)]
+            assert patches == expected and set(patches) <= set(world.patches_of(o.bbox))
+            centre = int(o.center[1]) // 8 * 8 + int(o.center[0]) // 8
+            assert centre in patches  # objects are at least 16 px, so the centre patch is well filled
+
+
 def test_tokenizer_words_and_specials(dataset, processor):
     tok = processor.tokenizer
     assert [tok.convert_tokens_to_ids(t) for t in ("<unk>", "<s>", "</s>", "<pad>")] == [0, 1, 2, 3]

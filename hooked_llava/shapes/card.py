@@ -51,10 +51,17 @@ a blue square on the right.* Objects are described left to right.
 """
 
 
+def _clip_data(r: dict) -> str:
+    what = "contrastive, scenes ↔ captions"
+    if r.get("region_weight"):
+        what += f", plus {r['region_weight']:g} × objects' patches ↔ object phrases (layer -2)"
+    return what + "; only the vision tower is kept"
+
+
 def _recipe(summary: dict) -> str:
     r, s = summary["recipe"], summary["seconds"]
     rows = [
-        ("1. CLIP", "contrastive, scenes ↔ captions; only the vision tower is kept", "clip", "1_clip"),
+        ("1. CLIP", _clip_data(r), "clip", "1_clip"),
         ("2. base LM", "descriptions + text-only QA (7 categories) + text captions", "lm", "2_lm"),
         ("3. alignment", "projector only, on captioning; vision tower and LM frozen", "align", "3_align"),
         ("4. instruction tuning", "projector + LM on visual QA, plus text-only QA; vision frozen", "tune", "4_tune"),
@@ -70,11 +77,16 @@ def _recipe(summary: dict) -> str:
             lines.append(f"| 2a. recall warm-up | {what} | {n} × {b['batch']} | {b['lr']:g} | in stage 2 |")
     cpu = summary.get("cpu_seconds")
     cpu_note = f" (process CPU time {cpu / 60:.0f} min)" if cpu else ""
+    if summary.get("stage2_reused"):
+        cpu_note = (
+            f" (process CPU time {cpu / 60:.0f} min for stages 1, 3 and 4). Stage 2 was taken from an earlier "
+            "run of the same command with identical stage-2 settings (`--reuse-lm`); its measured time is included"
+        )
     return (
         "## Training recipe (LLaVA's, in miniature)\n\n"
         + "\n".join(lines)
         + f"\n\nTotal training time: **{s['total'] / 60:.1f} min** of wall-clock time on a 2-core CPU machine with "
-        f"{summary['threads']} torch threads{cpu_note}, seed {summary['seed']}. Retrain with\n\n"
+        f"{summary['threads']} torch threads, seed {summary['seed']}{cpu_note}. Retrain with\n\n"
         f"```\npython -m hooked_llava.shapes.train --out DIR --seed {summary['seed']}\n```\n\n"
         "The loss is on answer, description and caption tokens only. One sequence packs several "
         "questions about the same scene after a shared `USER: <image>\\n` prefix; a 4D attention "
@@ -101,10 +113,8 @@ def _status(table: pd.DataFrame) -> str:
     return (
         "\n**Status: an interim checkpoint.** Its visual-QA accuracy "
         f"({visual['overall']:.1f}% overall, {visual.drop('overall').min():.1f}% in the weakest category) "
-        "is below the targets of 95% per category and 98% overall. Linear probes show why: the "
-        "vision tower's patch features encode colour almost perfectly but shape and horizontal "
-        "position only weakly, so questions about shapes and sides are near chance. Text QA meets "
-        "its target. The analyses run on it, but read findings about the image pathway with that in mind.\n"
+        "is below the targets of 95% per category and 98% overall. The analyses run on it, but "
+        "read findings about the image pathway with that in mind.\n"
     )
 
 

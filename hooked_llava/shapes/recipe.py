@@ -17,6 +17,7 @@ from .tokenizer import BOS, EOS, IMAGE_SIZE, PAD, PATCH_SIZE, VOCAB
 
 WIDTH = 128
 N_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
+FEATURE_LAYER = -2  # the vision layer LLaVA-1.5 reads
 
 
 def vision_config() -> CLIPVisionConfig:
@@ -75,7 +76,7 @@ def llava_config() -> LlavaConfig:
         text_config=text_config(),
         image_token_id=VOCAB.index(IMAGE_TOKEN),
         image_seq_length=N_IMAGE_TOKENS,
-        vision_feature_layer=-2,
+        vision_feature_layer=FEATURE_LAYER,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
         tie_word_embeddings=False,
@@ -99,6 +100,8 @@ class Recipe:
 
     Attributes:
         clip: Stage 1, contrastive CLIP on scenes and their captions.
+        region_weight: Weight of stage 1's region-text term (each object's patches against the
+            phrases naming objects); 0 for plain CLIP.
         bind: Stage 2a, associative recall of a shape's colour on short sequences (at most
             ``steps``; it stops at ``bind_until`` accuracy). ``steps=0`` skips it.
         bind_until: Recall accuracy (mean over a progress interval) that ends stage 2a.
@@ -117,12 +120,13 @@ class Recipe:
         probe_n: Questions per category in those checks.
     """
 
-    clip: Stage = field(default_factory=lambda: Stage(steps=400, batch=96, lr=1e-3, warmup=30))
+    clip: Stage = field(default_factory=lambda: Stage(steps=1000, batch=96, lr=1e-3, warmup=30))
+    region_weight: float = 5.0
     bind: Stage = field(default_factory=lambda: Stage(steps=3000, batch=48, lr=1e-3))
     bind_until: float = 0.98
     lm: Stage = field(default_factory=lambda: Stage(steps=2500, batch=16, lr=2e-3))
     align: Stage = field(default_factory=lambda: Stage(steps=300, batch=16, lr=1e-3, warmup=20))
-    tune: Stage = field(default_factory=lambda: Stage(steps=1200, batch=16, lr=1e-3))
+    tune: Stage = field(default_factory=lambda: Stage(steps=3000, batch=16, lr=1e-3))
     caption_prob: float = 0.5
     text_weight: float = 0.2
     describe_loss: bool = True

@@ -89,13 +89,16 @@ class Scene:
         Returns:
             e.g. ``"There is a red circle on the left and a blue square on the right."``
         """
-        parts = []
-        for o in self.objects:
-            where = horizontal_word(o.center[0], self.image_size)
-            place = "in the middle" if where == "middle" else f"on the {where}"
-            parts.append(f"{o.article} {o.color} {o.shape} {place}")
+        parts = [describe_object(o, self.image_size) for o in self.objects]
         listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
         return f"There is {listed}."
+
+
+def describe_object(o: ShapeObject, image_size: int = 64) -> str:
+    """An object in words, as a scene description names it: ``"a red circle on the left"``."""
+    where = horizontal_word(o.center[0], image_size)
+    place = "in the middle" if where == "middle" else f"on the {where}"
+    return f"{o.article} {o.color} {o.shape} {place}"
 
 
 @cache
@@ -216,6 +219,19 @@ class ShapesWorld:
         from .questions import make_example  # questions builds on this module
 
         return make_example(self, i, category)
+
+    def object_patches(self, scene: Scene, min_pixels: int = 8) -> list[list[int]]:
+        """For each object of a scene, the patches it fills: at least ``min_pixels`` of its pixels,
+        and no fewer than any other object's (row-major indices)."""
+        n, p = self.image_size, self.patch_size
+        counts = []
+        for o in scene.objects:
+            drawn = np.zeros((n, n), dtype=np.int64)
+            x0, y0 = int(o.center[0] - o.size / 2), int(o.center[1] - o.size / 2)
+            drawn[y0 : y0 + o.size, x0 : x0 + o.size] = shape_mask(o.shape, o.size)
+            counts.append(drawn.reshape(self.grid, p, self.grid, p).sum((1, 3)).reshape(-1))
+        most = np.max(counts, axis=0)
+        return [np.flatnonzero((c >= min_pixels) & (c == most)).tolist() for c in counts]
 
     def patches_of(self, bbox: tuple[int, int, int, int]) -> list[int]:
         """Row-major indices of the patches that any pixel of a bounding box falls in."""
