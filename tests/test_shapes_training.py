@@ -54,6 +54,23 @@ def test_packed_branches_equal_single_prompts():
                 assert processor.tokenizer.convert_ids_to_tokens(int(b["targets"][row, last])) == q.answer
 
 
+def test_object_phrases_name_every_object_once():
+    """Stage 1's region term contrasts each object with all 108 phrases; each object matches exactly one."""
+    from hooked_llava.shapes.data import encode
+    from hooked_llava.shapes.train import object_phrases
+    from hooked_llava.shapes.world import describe_object
+
+    phrases = object_phrases()
+    assert len(phrases) == len(set(phrases)) == 6 * 6 * 3
+    assert len({len(encode(p)) for p in phrases}) == 1  # stacked without padding
+    world = ShapesWorld(9)
+    for i in range(50):
+        scene = world.scene(i)
+        for o in scene.objects:
+            named = describe_object(o)
+            assert phrases.count(named) == 1 and named in scene.describe()
+
+
 def test_smoke_training_saves_loadable_checkpoints(smoke_run):
     from transformers import AutoProcessor, AutoTokenizer, LlamaForCausalLM, LlavaForConditionalGeneration
 

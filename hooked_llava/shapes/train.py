@@ -1,7 +1,7 @@
 """Train the Shapes LLaVA from scratch: the LLaVA recipe in miniature, on two CPU cores.
 
-1. CLIP: a tiny ``CLIPModel`` trained contrastively on scenes and their captions; only the
-   vision tower is kept.
+1. CLIP: a tiny ``CLIPModel`` trained contrastively on scenes and their captions, with a
+   region-text term (each object's patches against object phrases); only the vision tower is kept.
 2. Base LM: a tiny ``LlamaForCausalLM`` trained on scene descriptions and text-only QA.
 3. Projector alignment: vision tower and LM frozen, the projector trained on captioning.
 4. Visual instruction tuning: vision tower frozen, projector and LM trained on visual QA,

@@ -221,8 +221,10 @@ class ShapesWorld:
         return make_example(self, i, category)
 
     def object_patches(self, scene: Scene, min_pixels: int = 8) -> list[list[int]]:
-        """For each object of a scene, the patches it fills: at least ``min_pixels`` of its pixels,
-        and no fewer than any other object's (row-major indices)."""
+        """Each object's patches (row-major): those holding at least ``min_pixels`` of its drawn pixels.
+
+        A patch that two objects reach goes to the one with more pixels in it (to both on a tie).
+        """
         n, p = self.image_size, self.patch_size
         counts = []
         for o in scene.objects:
