@@ -124,11 +124,14 @@ __all__ = ["plot_head_scan", "plot_knockout", "plot_patch_grid", "plot_patching"
 
 
 def plot_sweep(knockout: pd.DataFrame, title: str | None = None, columns: int = 3) -> Figure:
-    """The study's figure for a dataset sweep: one panel per category, mean relative change per
-    layer with its 95% interval, one line per flow.
+    """The study's figure for a dataset sweep: one panel per category, mean relative change (%) per
+    layer, one line per flow, with its 95% interval where a category has at least 5 examples
+    (`summarize_knockout`: the band stays within −100 % and what the probabilities allow; below 5
+    examples the panel title says "no interval").
 
     Args:
-        knockout: `run_sweep(...)["knockout"]` (needs a `category` column; `example` may be absent).
+        knockout: `run_sweep(...)["knockout"]` (needs a `category` column and `rel_change_pct`, or
+            `rel_change` as `knockout_sweep` names it).
         title: the figure title.
         columns: panels per row.
 
@@ -136,19 +139,19 @@ def plot_sweep(knockout: pd.DataFrame, title: str | None = None, columns: int = 
         >>> runs = knockout_sweep(model, inputs, ["image->last", "question->last"]).assign(category="demo")
         >>> plot_sweep(runs).savefig("sweep.png")  # usually run_sweep(...)["knockout"]
     """
-    from .knockout import summarize_knockout
+    from .knockout import MIN_N, summarize_knockout
 
     if not len(knockout):
         raise ValueError("nothing to plot: the sweep kept no correctly answered examples.")
+    value = "rel_change_pct" if "rel_change_pct" in knockout else "rel_change"
     categories = list(dict.fromkeys(knockout["category"]))
     rows = -(-len(categories) // columns)
     fig = Figure(figsize=(4.2 * min(columns, len(categories)), 3.0 * rows), layout="constrained")
-    frame = knockout.rename(columns={"id": "example"}) if "example" not in knockout else knockout
     for k, category in enumerate(categories):
         ax = fig.add_subplot(rows, min(columns, len(categories)), k + 1)
-        summary = summarize_knockout(frame[frame["category"] == category])
+        summary = summarize_knockout(knockout[knockout["category"] == category], value)
         n = int(summary["n"].max()) if len(summary) else 0
-        plot_knockout(summary, ax=ax, title=f"{category} (n={n})")
+        plot_knockout(summary, ax=ax, title=f"{category} (n={n}{'' if n >= MIN_N else ', no interval'})")
         if k:
             ax.get_legend().remove()
     if title:

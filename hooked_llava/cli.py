@@ -89,35 +89,64 @@ def explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def sweep(args: argparse.Namespace) -> int:
+def _sweep_examples(args: argparse.Namespace, bad_rows: list | None) -> tuple[list, dict]:
+    """The examples, and what the folder's settings record about where they come from."""
     from analyses.gqa import gqa_examples
-    from analyses.knockout import summarize_knockout
+    from analyses.sweep import shapes_examples
+
+    if args.csv:
+        if not args.images:
+            raise SystemExit("hooked-llava sweep: --csv needs --images, the folder of the CSV's images")
+        return gqa_examples(args.csv, args.images, category=args.category, bad_rows=bad_rows), {"source": "csv"}
+    return shapes_examples(args.shapes, seed=args.seed), {"source": "shapes", "seed": args.seed}
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """Run (or resume) a sweep and write examples/knockout/lens/summary/errors CSVs and sweep.png.
+
+    A bad CSV row (missing or unreadable image, bad box, unknown answer) stops the sweep with a
+    message naming the row, after writing the tables of the finished examples; with
+    --skip-bad-rows it is skipped and listed in errors.csv. Other settings than the folder's are
+    refused unless --force (see `analyses.sweep_keys`). Rel. changes are in %, `delta_log_prob` in nats.
+    """
+    from analyses.gqa import GQAFormatError
     from analyses.plot_flows import plot_sweep
-    from analyses.sweep import run_sweep, shapes_examples
+    from analyses.sweep import BadExampleError, collect, run_sweep, write_tables
+    from analyses.sweep_keys import SettingsChangedError
 
     from .model import HookedLlava
 
+    bad_rows: list | None = [] if args.skip_bad_rows else None
+    try:
+        examples, data = _sweep_examples(args, bad_rows)  # a bad CSV is reported before the model loads
+    except GQAFormatError as err:
+        print(f"hooked-llava sweep: {err} (--skip-bad-rows skips such rows)", file=sys.stderr)
+        return 2
     model = HookedLlava.from_pretrained(args.model)
-    if args.csv:
-        if not args.images:
-            raise SystemExit("--csv needs --images, the folder of the CSV's images")
-        examples = gqa_examples(args.csv, args.images, category=args.category)
-    else:
-        examples = shapes_examples(args.shapes, seed=args.seed)
     flows = args.flows.split(",") if args.flows else None
-    tables = run_sweep(model, examples, args.out, flows=flows, window=args.window, lens=args.lens)
-    out = Path(args.out)
-    for name, table in tables.items():
-        if len(table):
-            table.to_csv(out / f"{name}.csv", index=False)
+    out, failure = Path(args.out), None
+    try:
+        tables = run_sweep(model, examples, out, flows=flows, window=args.window, lens=args.lens, data=data,
+                           force=args.force, bad_rows=bad_rows)  # fmt: skip
+    except SettingsChangedError as err:
+        print(f"hooked-llava sweep: {err}", file=sys.stderr)
+        return 2
+    except BadExampleError as err:  # keep what is finished: write the tables of the finished examples
+        failure, tables = err, collect(out, [ex.id for ex in examples])
+    write_tables(out, tables, bad_rows)
     done = tables["examples"]
-    print(f"{len(done)} examples, {int(done['correct'].sum())} answered correctly and swept")
-    print(done.groupby("category")["correct"].agg(["size", "mean"]).rename(columns={"mean": "accuracy"}))
+    if len(done):
+        print(f"{len(done)} examples, {int(done['correct'].sum())} answered correctly and swept")
+        print(done.groupby("category")["correct"].agg(["size", "mean"]).rename(columns={"mean": "accuracy"}))
+    if bad_rows:
+        print(f"{len(bad_rows)} bad rows skipped: see {out / 'errors.csv'}")
     if len(tables["knockout"]):
-        frame = tables["knockout"].rename(columns={"id": "example"})
-        summarize_knockout(frame).to_csv(out / "summary.csv", index=False)
         plot_sweep(tables["knockout"], title="attention knockout").savefig(out / "sweep.png", dpi=120)
-        print(f"figure: {out / 'sweep.png'}")
+        print(f"tables in {out}; figure: {out / 'sweep.png'}")
+    if failure is not None:
+        print(f"hooked-llava sweep: {failure} (tables of the finished examples written; --skip-bad-rows skips "
+              "such rows)", file=sys.stderr)  # fmt: skip
+        return 2
     return 0
 
 
@@ -137,14 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     sw = sub.add_parser("sweep", help="knockout flows over a dataset (Shapes categories or a GQA task CSV)")
     sw.add_argument("--model", default="shapes-llava")
     sw.add_argument("--shapes", type=int, default=50, help="Shapes examples per category (without --csv)")
-    sw.add_argument("--seed", type=int, default=777, help="Shapes world seed")
+    sw.add_argument("--seed", type=int, default=777, help="Shapes world seed (part of the example ids)")
     sw.add_argument("--csv", default=None, help="a task CSV in study B's GQA format")
     sw.add_argument("--images", default=None, help="folder of the CSV's images ({img_id}.jpg)")
     sw.add_argument("--category", default=None, help="category label (default: from the CSV file name)")
     sw.add_argument("--flows", default=None, help="comma-separated flows (default: the four main ones)")
     sw.add_argument("--window", type=int, default=9)
     sw.add_argument("--lens", action="store_true", help="also record the logit lens at the last position")
-    sw.add_argument("--out", default="hooked-llava-sweep", help="output folder; rerunning resumes")
+    sw.add_argument("--out", default="hooked-llava-sweep", help="output folder; a rerun with the same settings resumes")
+    sw.add_argument("--force", action="store_true", help="delete results computed with other settings in --out")
+    sw.add_argument("--skip-bad-rows", action="store_true", help="skip unreadable rows, listing them in errors.csv")
     sw.set_defaults(run=sweep)
     args = parser.parse_args(argv)
     return args.run(args)
