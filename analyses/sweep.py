@@ -238,7 +238,10 @@ def run_sweep(
         >>> tables = run_sweep(model, shapes_examples(1, categories=["Colour"]), "runs/shapes")  # resumes on rerun
         >>> tables["examples"].groupby("category")["correct"].mean()  # then summary_table(tables["knockout"])
     """
+    from .knockout import resolve_flows
+
     examples, flows = list(examples), list(flows or DEFAULT_FLOWS)
+    resolve_flows(flows)  # an unknown flow name fails here, before the folder records it
     _check_ids(examples)
     claim_folder(out_dir, sweep_settings(model, flows, window, lens, data), force)
     done_dir = Path(out_dir) / "examples"

@@ -104,8 +104,8 @@ def _changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 def claim_folder(out_dir: str | Path, settings: Mapping[str, Any], force: bool = False) -> None:
-    """Make `out_dir` hold results for `settings`: record them in a new folder, accept the same ones,
-    refuse other ones naming what changed, or with `force` delete the old per-example results.
+    """Make `out_dir` hold results for `settings`: record them in a folder without results, accept the
+    same ones, refuse other ones naming what changed, or with `force` delete the old per-example results.
 
     Example:
         >>> claim_folder("runs/demo", {"window": 9})
@@ -113,7 +113,8 @@ def claim_folder(out_dir: str | Path, settings: Mapping[str, Any], force: bool =
     """
     out = Path(out_dir)
     path, done = out / "settings.json", out / "examples"
-    old = json.loads(path.read_text()) if path.exists() else ({} if done.exists() and any(done.iterdir()) else None)
+    has_results = done.exists() and any(done.iterdir())  # a folder without results has nothing to protect
+    old = (json.loads(path.read_text()) if path.exists() else {}) if has_results else None
     settings = json.loads(json.dumps(dict(settings)))  # as JSON will read it back (tuples become lists)
     if old is not None and old != settings:
         if not force:

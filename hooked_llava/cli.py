@@ -95,10 +95,25 @@ def _sweep_examples(args: argparse.Namespace, bad_rows: list | None) -> tuple[li
     from analyses.sweep import shapes_examples
 
     if args.csv:
-        if not args.images:
-            raise SystemExit("hooked-llava sweep: --csv needs --images, the folder of the CSV's images")
         return gqa_examples(args.csv, args.images, category=args.category, bad_rows=bad_rows), {"source": "csv"}
     return shapes_examples(args.shapes, seed=args.seed), {"source": "shapes", "seed": args.seed}
+
+
+def _write_sweep(out: Path, tables: dict, bad_rows: list | None) -> None:
+    """Write the tables and the figure, and say what is in them."""
+    from analyses.plot_flows import plot_sweep
+    from analyses.sweep import write_tables
+
+    write_tables(out, tables, bad_rows)
+    done = tables["examples"]
+    if len(done):
+        print(f"{len(done)} examples, {int(done['correct'].sum())} answered correctly and swept")
+        print(done.groupby("category")["correct"].agg(["size", "mean"]).rename(columns={"mean": "accuracy"}))
+    if bad_rows:
+        print(f"{len(bad_rows)} bad rows skipped: see {out / 'errors.csv'}")
+    if len(tables["knockout"]):
+        plot_sweep(tables["knockout"], title="attention knockout").savefig(out / "sweep.png", dpi=120)
+        print(f"tables in {out} (relative change in %, log-probability change in nats); figure: {out / 'sweep.png'}")
 
 
 def sweep(args: argparse.Namespace) -> int:
@@ -110,12 +125,14 @@ def sweep(args: argparse.Namespace) -> int:
     refused unless --force (see `analyses.sweep_keys`). Rel. changes are in %, `delta_log_prob` in nats.
     """
     from analyses.gqa import GQAFormatError
-    from analyses.plot_flows import plot_sweep
-    from analyses.sweep import BadExampleError, collect, run_sweep, write_tables
+    from analyses.sweep import BadExampleError, collect, run_sweep
     from analyses.sweep_keys import SettingsChangedError
 
     from .model import HookedLlava
 
+    if args.csv and not args.images:
+        print("hooked-llava sweep: --csv needs --images, the folder of the CSV's images", file=sys.stderr)
+        return 2
     bad_rows: list | None = [] if args.skip_bad_rows else None
     try:
         examples, data = _sweep_examples(args, bad_rows)  # a bad CSV is reported before the model loads
@@ -133,16 +150,7 @@ def sweep(args: argparse.Namespace) -> int:
         return 2
     except BadExampleError as err:  # keep what is finished: write the tables of the finished examples
         failure, tables = err, collect(out, [ex.id for ex in examples])
-    write_tables(out, tables, bad_rows)
-    done = tables["examples"]
-    if len(done):
-        print(f"{len(done)} examples, {int(done['correct'].sum())} answered correctly and swept")
-        print(done.groupby("category")["correct"].agg(["size", "mean"]).rename(columns={"mean": "accuracy"}))
-    if bad_rows:
-        print(f"{len(bad_rows)} bad rows skipped: see {out / 'errors.csv'}")
-    if len(tables["knockout"]):
-        plot_sweep(tables["knockout"], title="attention knockout").savefig(out / "sweep.png", dpi=120)
-        print(f"tables in {out}; figure: {out / 'sweep.png'}")
+    _write_sweep(out, tables, bad_rows)
     if failure is not None:
         print(f"hooked-llava sweep: {failure} (tables of the finished examples written; --skip-bad-rows skips "
               "such rows)", file=sys.stderr)  # fmt: skip

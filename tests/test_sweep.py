@@ -3,6 +3,7 @@ errors and skippable bad rows, summary tables in named units, the figure and its
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -22,7 +23,7 @@ from analyses.sweep import (
     shapes_examples,
     write_tables,
 )
-from analyses.sweep_keys import SettingsChangedError, model_fingerprint
+from analyses.sweep_keys import SettingsChangedError, claim_folder, model_fingerprint
 from hooked_llava.testing import random_images, tiny_model
 
 FLOWS = ["question->last", "image->last"]
@@ -364,3 +365,13 @@ def test_run_sweep_bad_example_raises_or_is_listed(tiny, examples, tmp_path):
     tables = run_sweep(model, [examples[1], bad, examples[2]], tmp_path, flows=FLOWS, progress=False, bad_rows=listed)
     assert [row["id"] for row in listed] == ["ex-bad"] and "cannot identify image file" in listed[0]["error"]
     assert tables["examples"]["id"].tolist() == ["ex-1", "ex-2"]
+
+
+def test_a_failed_start_records_no_settings(tiny, examples, tmp_path):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="unknown flow 'imagelast'"):
+        run_sweep(model, examples[:1], tmp_path, flows=["imagelast"], progress=False)
+    claim_folder(tmp_path, {"window": 3})  # a folder without results is not protected
+    tables = run_sweep(model, examples[1:2], tmp_path, flows=FLOWS, progress=False)
+    assert tables["examples"]["id"].tolist() == ["ex-1"]
+    assert json.loads((tmp_path / "settings.json").read_text())["flows"] == FLOWS
