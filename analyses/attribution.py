@@ -187,7 +187,10 @@ def _position_scores(model: HookedLlava, inputs: LlavaInputs, head: tuple[int, i
     vec = position_vectors(
         model, layer, h, acts[f"blocks.{layer}.attn.hook_pattern"], acts[f"blocks.{layer}.attn.hook_v"]
     )
-    return readout.score(acts[f"blocks.{layer}.hook_resid_pre"][:, None], vec)
+    scores = readout.score(acts[f"blocks.{layer}.hook_resid_pre"][:, None], vec)
+    # A padding key adds a zero vector, but `log P(x + 0) − log P(x)` is float noise; mask it to exactly 0.
+    real = inputs.attention_mask.to(scores.device).bool()
+    return scores.masked_fill(~real, 0.0)
 
 
 def _layer_scores(model: HookedLlava, inputs: LlavaInputs, readout_args: dict) -> pd.DataFrame:
