@@ -238,20 +238,26 @@ def top_k_table(
 def word_forms(model: HookedLlava, word: str) -> dict[str, int]:
     """Single-token forms of a word: lowercase and capitalised, bare and with a leading space.
 
-    Forms that are not a single token are skipped; forms mapping to the same id are kept once.
+    Forms that are not a single token (or are unknown to the vocabulary) are skipped; forms
+    mapping to the same id are kept once. A word with no single-token form at all raises a
+    ValueError naming it (with the vocabulary's closest words when it is unknown).
 
     Example:
         >>> word_forms(model, "red")  # e.g. {"red": 21} when "Red" is not a single token
     """
     forms: dict[str, int] = {}
+    errors: list[ValueError] = []
     for base in dict.fromkeys([word.lower(), word[:1].upper() + word[1:].lower()]):
         for form in (base, " " + base):
             try:
                 token = model.to_single_token(form)
-            except ValueError:
+            except ValueError as error:
+                errors.append(error)
                 continue
-            if token not in forms.values() and token != model.tokenizer.unk_token_id:
+            if token not in forms.values():
                 forms[form] = token
+    if not forms:
+        raise ValueError(f"no form of {word!r} is a single token: {errors[0]}")
     return forms
 
 
