@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import torch
@@ -51,11 +52,35 @@ class TokensMixin:
         return self.tokenizer.convert_ids_to_tokens(ids.tolist())
 
     def to_single_token(self, string: str) -> int:
-        """The id of a string that is exactly one token (no BOS)."""
-        ids = self.tokenizer(string, add_special_tokens=False)["input_ids"]
+        """The id of a string that is exactly one token (no BOS).
+
+        A string the tokenizer would map to its unknown token (`<unk>`) raises a ValueError that
+        names it and suggests the closest words of the vocabulary, rather than explaining `<unk>`.
+        """
+        tok = self.tokenizer
+        ids = tok(string, add_special_tokens=False)["input_ids"]
+        unk = getattr(tok, "unk_token_id", None)
+        if unk is not None and unk in ids and string.strip() != tok.unk_token:
+            raise ValueError(
+                f"{string!r} is not in the vocabulary (the tokenizer maps it to {tok.unk_token!r}).{self._near(string)}"
+            )
         if len(ids) != 1:
             raise ValueError(f"{string!r} is {len(ids)} tokens ({ids}), not one.")
         return int(ids[0])
+
+    def _near(self, word: str, n: int = 5) -> str:
+        """A hint naming the vocabulary's closest words to `word` (case-insensitive), or where to look."""
+        words: dict[str, str] = {}
+        for piece in self.tokenizer.get_vocab():
+            text = piece.replace("Ġ", " ").replace("▁", " ").removeprefix("##").strip()
+            if text.isprintable() and text:
+                words.setdefault(text.lower(), text)
+        close = difflib.get_close_matches(word.strip().lower(), list(words), n=n, cutoff=0.5)
+        if close:
+            return f" Did you mean: {', '.join(repr(words[c]) for c in close)}?"
+        if len(words) <= 100:
+            return f" The vocabulary's words: {', '.join(sorted(words.values()))}."
+        return " See `model.tokenizer.get_vocab()` for the known tokens."
 
     def tokens_to_residual_directions(self, tokens: Any) -> Float[Tensor, "... d_model"]:
         """Unembedding directions of tokens (an id, a string of one token, or a tensor of ids)."""
