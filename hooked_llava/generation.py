@@ -3,8 +3,7 @@ prompt and the new tokens, as text for text input."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +59,8 @@ class GenerationMixin:
         freq_penalty: float = 0.0,
         use_past_kv_cache: bool = True,
         prepend_bos: bool | None = None,
-        padding_side: Literal["left", "right"] | None = None,
-        return_type: Literal["input", "str", "tokens"] = "input",
+        padding_side: str | None = None,
+        return_type: str = "input",  # "input", "str" or "tokens", checked below
         verbose: bool = True,
         *,
         pixel_values: Tensor | None = None,
@@ -104,7 +103,7 @@ class GenerationMixin:
             if use_past_kv_cache:
                 x, past = self.run_blocks(x, mask, positions, past=past)  # type: ignore[attr-defined]
             else:
-                seq = replace(inputs, input_ids=tokens, attention_mask=mask)
+                seq = LlavaInputs(input_ids=tokens, attention_mask=mask)  # positions of the whole sequence
                 x, _ = self.run_blocks(self._embed_all(inputs, tokens), mask, seq.position_ids())  # type: ignore[attr-defined]
             logits = self.unembed(self.ln_final(x[:, -1:]))[:, 0]  # type: ignore[attr-defined]
             nxt = (

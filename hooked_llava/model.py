@@ -88,12 +88,12 @@ class HookedLlava(LoadingMixin, TokensMixin, EntryMixin, WeightsMixin, Generatio
         return_type: ReturnType = "logits",
         loss_per_token: bool = False,
         prepend_bos: bool | None = None,
-        padding_side: Literal["left", "right"] | None = None,
+        padding_side: str | None = None,
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
         residual: Tensor | None = None,
         tokens: Tensor | LlavaInputs | None = None,
-        shortformer_pos_embed: None = None,
+        shortformer_pos_embed: Tensor | None = None,
         position_ids: Tensor | None = None,
     ) -> Any:
         """Run the model.

@@ -130,12 +130,12 @@ class TokensMixin:
             raise ValueError(f"{string!r} is {len(ids)} tokens ({ids}), not one.")
         return int(ids[0])
 
-    def to_single_str_token(self, int_token: int) -> str:
+    def to_single_str_token(self, int_token: int | Tensor) -> str:
         """The string of one token id (the inverse of `to_single_token`)."""
-        if isinstance(int_token, Tensor) and int_token.numel() == 1:
+        if isinstance(int_token, Tensor) and int_token.numel() == 1 and not int_token.is_floating_point():
             int_token = int(int_token.item())
         if isinstance(int_token, bool) or not isinstance(int_token, int):
-            raise TypeError(f"to_single_str_token takes one token id (an int), not {type(int_token).__name__}.")
+            raise TypeError(f"to_single_str_token takes one token id (an int), not {int_token!r}.")
         return self._decode_each(torch.tensor([int_token]))[0]
 
     def get_token_position(
