@@ -50,6 +50,7 @@ class EntryMixin:
         follows still count. With `per_token` the result is `[batch, pos-1]` with 0 at the left-out
         predictions; otherwise the mean over the counted ones.
         """
+        mask: Tensor | None
         if isinstance(tokens, LlavaInputs):
             mask = tokens.attention_mask if attention_mask is None else attention_mask
             ids, image = tokens.input_ids, tokens.image_mask

@@ -109,7 +109,7 @@ class TokensMixin:
         if isinstance(input, str):
             return self._decode_each(self.to_tokens(input, prepend_bos, padding_side)[0])
         if isinstance(input, list) and not all(isinstance(t, int) for t in input):
-            return [self.to_str_tokens(item, prepend_bos, padding_side) for item in input]  # type: ignore[misc]
+            return [self.to_str_tokens(item, prepend_bos, padding_side) for item in input]  # type: ignore[return-value]
         if not isinstance(input, (Tensor, np.ndarray, list)):
             raise TypeError(f"to_str_tokens takes text, token ids or LlavaInputs, not {type(input).__name__}.")
         ids = torch.as_tensor(input)
