@@ -22,7 +22,7 @@ def test_greedy_generation_equals_hf_for_20_tokens_with_padding():
     model = HookedLlava.from_hf(hf, model.processor)
     prompts = ["USER: <image>\nWhat is the color of the circle?\nASSISTANT:", "USER: <image>\nIs it?\nASSISTANT:"]
     inputs = model.prepare(images=random_images(2, seed=3), prompts=prompts)
-    ours = model.generate(inputs, max_new_tokens=20, eos_token_id=None)
+    ours = model.generate(inputs, max_new_tokens=20, do_sample=False, stop_at_eos=False)
     ref = hf.generate(
         input_ids=inputs.input_ids,
         pixel_values=inputs.pixel_values,
@@ -40,9 +40,9 @@ def test_greedy_generation_equals_hf_for_20_tokens_with_padding():
 def test_generation_stops_at_eos_and_pads_finished_rows(tiny, batch):
     model, _ = tiny
     n = batch.input_ids.shape[1]
-    first = model.generate(batch, max_new_tokens=1, eos_token_id=None)[:, n]
+    first = model.generate(batch, max_new_tokens=1, do_sample=False, stop_at_eos=False)[:, n]
     eos = int(first[0])
-    out = model.generate(batch, max_new_tokens=5, eos_token_id=eos)
+    out = model.generate(batch, max_new_tokens=5, do_sample=False, eos_token_id=eos)
     assert out[0, n] == eos
     assert out[0, n + 1 :].eq(model.cfg.pad_token_id).all()
     assert out.shape[1] == (n + 1 if bool((first == eos).all()) else n + 5)
@@ -50,9 +50,9 @@ def test_generation_stops_at_eos_and_pads_finished_rows(tiny, batch):
 
 def test_sampling_is_reproducible_with_a_seed(tiny, batch):
     model, _ = tiny
-    a = model.generate(batch, max_new_tokens=8, do_sample=True, seed=11, eos_token_id=None, temperature=2.0)
-    b = model.generate(batch, max_new_tokens=8, do_sample=True, seed=11, eos_token_id=None, temperature=2.0)
-    c = model.generate(batch, max_new_tokens=8, do_sample=True, seed=12, eos_token_id=None, temperature=2.0)
+    a = model.generate(batch, max_new_tokens=8, do_sample=True, seed=11, stop_at_eos=False, temperature=2.0)
+    b = model.generate(batch, max_new_tokens=8, do_sample=True, seed=11, stop_at_eos=False, temperature=2.0)
+    c = model.generate(batch, max_new_tokens=8, do_sample=True, seed=12, stop_at_eos=False, temperature=2.0)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    top1 = model.generate(batch, max_new_tokens=8, do_sample=True, seed=11, top_k=1, eos_token_id=None)
-    assert torch.equal(top1, model.generate(batch, max_new_tokens=8, eos_token_id=None))
+    top1 = model.generate(batch, max_new_tokens=8, do_sample=True, seed=11, top_k=1, stop_at_eos=False)
+    assert torch.equal(top1, model.generate(batch, max_new_tokens=8, do_sample=False, stop_at_eos=False))
