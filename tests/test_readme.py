@@ -86,3 +86,31 @@ def accuracy(model, category: str, batch_size: int = 100) -> float:
 @pytest.mark.parametrize("category", CATEGORIES)
 def test_the_readme_way_of_asking_answers_right(model, category):
     assert accuracy(model, category) >= FLOOR
+
+
+def test_the_shipped_chat_templates_are_what_a_retrain_writes(tmp_path):
+    """`train.save` writes the processor (shapes-llava) and its tokenizer (shapes-lm); both carry the template."""
+    from hooked_llava.shapes import build_processor
+
+    processor = build_processor()
+    processor.save_pretrained(tmp_path / "shapes-llava")
+    processor.tokenizer.save_pretrained(tmp_path / "shapes-lm")
+    for name in ("shapes-llava", "shapes-lm"):
+        written = (tmp_path / name / "chat_template.jinja").read_text()
+        assert written == (checkpoint_path(name) / "chat_template.jinja").read_text()
+    world = ShapesWorld(seed=3)
+    for e in (world.example(i, c) for c in CATEGORIES for i in range(3)):  # visual and text QA prompts
+        question = {"type": "text", "text": e.question}
+        visual = [{"role": "user", "content": [{"type": "image"}, question]}]
+        text = [{"role": "user", "content": [{"type": "text", "text": e.scene.describe()}, question]}]
+        assert processor.apply_chat_template(visual, add_generation_prompt=True) == e.prompt
+        assert (
+            processor.tokenizer.apply_chat_template(text, tokenize=False, add_generation_prompt=True) == e.text_prompt
+        )
+    e = world.example(0, "Colour")  # the training sequence: prompt (with the answer prefix), answer, end
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e.question}]}
+    answered = [user, {"role": "assistant", "content": [{"type": "text", "text": e.answer}]}]
+    rendered = processor.apply_chat_template(answered)
+    assert rendered == f"{e.prompt} {e.answer}</s>" and e.prompt.endswith(
+        f"ASSISTANT: The color of the {e.question[25:-1]} is"
+    )
