@@ -80,11 +80,15 @@ def check_known_words(
     """Raise a ValueError naming the question words that became the tokenizer's unknown token.
 
     Unknown words outside the question (in a template or system prompt the tokenizer was not
-    built for) only warn; where the question's span is not known, the whole prompt counts.
+    built for) only warn; where the question's span is not known, the whole prompt counts. A
+    tokenizer whose `unknown_words` attribute is "warn" (the tiny random test models') only warns.
     """
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is None or not ((input_ids == unk) & attention_mask.bool()).any():
         return
+    policy = getattr(tokenizer, "unknown_words", "raise")
+    if policy not in ("raise", "warn"):
+        raise ValueError(f"tokenizer.unknown_words must be 'raise' or 'warn'; got {policy!r}.")
     asked: list[str] = []
     around: list[str] = []
     for prompt, span in zip(prompts, spans, strict=True):
@@ -94,8 +98,10 @@ def check_known_words(
             words = asked if span is None or span[0] <= s < span[1] else around
             if token == unk and word not in words and word != tokenizer.unk_token:
                 words.append(word)
-    if asked:
+    if asked and policy == "raise":
         raise ValueError(unknown_words_message(tokenizer, asked))
+    if asked:
+        warnings.warn(unknown_words_message(tokenizer, asked), stacklevel=4)
     if around:
         warnings.warn("outside the question, " + unknown_words_message(tokenizer, around), stacklevel=4)
 

@@ -147,20 +147,37 @@ def test_one_image_per_question(tiny, images):
 
 
 # --- words the tokenizer does not know ----------------------------------------------------------
-def test_an_unknown_word_in_the_question_is_named_with_the_known_words(tiny, images):
+@pytest.fixture(scope="module")
+def strict(tiny):
+    """The tiny model with a tokenizer that raises on unknown words, as real tokenizers do by default."""
+    from hooked_llava import HookedLlava
+    from hooked_llava.testing import tiny_processor
+
+    processor = tiny_processor()
+    del processor.tokenizer.unknown_words  # the tiny tokenizer only warns
+    return HookedLlava.from_hf(tiny[1], processor)
+
+
+def test_an_unknown_word_in_the_question_is_named_with_the_known_words(strict, images):
     with pytest.raises(ValueError, match=r"does not know: 'dog'; .*Its 36 known words are: , \. : \? ASSISTANT") as e:
-        tiny[0].prepare(images=images[:1], questions=["What is the color of the dog?"])
+        strict.prepare(images=images[:1], questions=["What is the color of the dog?"])
     assert "did you mean" not in str(e.value)
     with pytest.raises(ValueError, match=r"does not know: 'Red' \(did you mean 'red'\?\)"):
-        tiny[0].prepare(images=images[:1], prompts=["USER: <image>\nIs the circle Red or blue?\nASSISTANT:"])
+        strict.prepare(images=images[:1], prompts=["USER: <image>\nIs the circle Red or blue?\nASSISTANT:"])
 
 
-def test_unknown_words_outside_the_question_only_warn(tiny, images):
+def test_a_tokenizer_can_ask_for_a_warning_instead(tiny, images):
+    with pytest.warns(UserWarning, match=r"^the prompt holds word\(s\) this tokenizer does not know: 'it';"):
+        inputs = tiny[0].prepare(images=images[:1], questions=["Is it red?"])
+    assert _words(tiny[0], inputs, 0, "question") == ["Is", "<unk>", "red", "?"]
+
+
+def test_unknown_words_outside_the_question_only_warn(strict, images):
     with pytest.warns(
         UserWarning, match=r"outside the question, .*'chat' \(did you mean 'What'\?\), 'between', 'curious'"
     ):
-        inputs = tiny[0].prepare(images=images[:1], prompts=[STUDY_B])
-    assert _words(tiny[0], inputs, 0, "question") == ["Is", "the", "circle", "red", "or", "blue", "?"]
+        inputs = strict.prepare(images=images[:1], prompts=[STUDY_B])
+    assert _words(strict, inputs, 0, "question") == ["Is", "the", "circle", "red", "or", "blue", "?"]
 
 
 def test_a_large_vocabulary_is_not_listed():
