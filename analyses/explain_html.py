@@ -71,7 +71,8 @@ def _data_uri(data: bytes) -> str:
 def _figure(name: str, data: bytes) -> str:
     wide = ' class="wide"' if name == "knockout" else ""
     caption = html.escape(CAPTIONS.get(name, ""))
-    return f'<figure id="fig-{name}"{wide}><img alt="{name}" src="{_data_uri(data)}"><figcaption>{caption}</figcaption></figure>'
+    image = f'<img alt="{name}" src="{_data_uri(data)}">'
+    return f'<figure id="fig-{name}"{wide}>{image}<figcaption>{caption}</figcaption></figure>'
 
 
 def _table(frame: pd.DataFrame) -> str:
