@@ -35,8 +35,8 @@ def patch_section(model: HookedLlava, inputs: LlavaInputs, report: Report, head:
     report.maps = {"log_prob_increase": tool.cpu(), "attention": attention.cpu()}
     name, total = f"{head[0]}.{head[1]}", float(raw.double().sum())
     intro = (
-        f"Head {name} (layer.head) raises log p(answer) most. Inside it, the image patches together contribute "
-        f"{float(image_scores.sum()):+.2e} nats of its {total:+.3f}; their scores span {spread:.2e} nats"
+        f"Head {name} (layer.head) raises log p(answer) most. Inside it, the image patches' scores sum to "
+        f"{float(image_scores.sum()):+.2e} nats (all positions': {total:+.3f}) and span {spread:.2e} nats"
     )
     if spread <= floor:
         report.notes["patches"] = (

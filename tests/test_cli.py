@@ -80,7 +80,9 @@ def _byte_level_llava(folder):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    text = [" ".join(w for w in WORDS if w.strip())] * 20 + ["USER: <image>\nWhat is the color of the circle?\nASSISTANT:"]
+    text = [" ".join(w for w in WORDS if w.strip())] * 20 + [
+        "USER: <image>\nWhat is the color of the circle?\nASSISTANT:"
+    ]
     special = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=special, show_progress=False))
     fast = PreTrainedTokenizerFast(
@@ -95,15 +97,13 @@ def _byte_level_llava(folder):
     hf.config.image_token_id = processor.image_token_id
     hf.save_pretrained(folder)
     processor.save_pretrained(folder)
-    return fast
 
 
 def test_byte_level_bpe_llava_gets_a_full_report(capsys, tmp_path):
-    fast = _byte_level_llava(tmp_path / "model")
+    _byte_level_llava(tmp_path / "model")
     out = tmp_path / "report"
     argv = ["explain", "--model", str(tmp_path / "model"), "--question", "What is the color of the circle?"]
     assert cli.main([*argv, "--out", str(out)]) == 0
     page = (out / "report.html").read_text()
     assert all(f'id="{s}"' in page for s in ("answer", "logit-lens", "heads", "patches", "knockout", "embedding"))
     assert "Ġ" not in page and "<td>nan</td>" not in page.lower()
-    assert any(len(fast.convert_ids_to_tokens(i)) for i in range(len(fast)))
