@@ -70,8 +70,7 @@ def plot_logit_lens(
     fig, ax = _figure(ax, (6.0, 4.0))
     for form, line in rows.groupby("form", sort=False):
         line = line.sort_values("layer")
-        plain = isinstance(form, str) and form and form.strip() == form
-        ax.plot(line["layer"], line[value], marker="o", label=form if plain else repr(form))
+        ax.plot(line["layer"], line[value], marker="o", label=repr(form))
     if value == "rank":
         ax.set_yscale("log")
         ax.invert_yaxis()
