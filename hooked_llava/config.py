@@ -9,6 +9,7 @@ refuses what it does not support with a message saying what to do.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -99,6 +100,59 @@ class LlavaConfigs:
     pinpoints: tuple[tuple[int, int], ...] | None = None  # LLaVA-NeXT anyres grid resolutions (height, width)
 
 
+class InvalidConfigError(UnsupportedConfigError):
+    """A config value is out of range: a non-positive size or epsilon, heads that do not divide the width."""
+
+
+def _check_sizes(where: str, config: Any, *names: str) -> None:
+    """Each named field is a positive integer."""
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise InvalidConfigError(f"{where}: {name}={value!r} must be a positive integer; fix config.json.")
+
+
+def _check_positive(where: str, config: Any, *names: str) -> None:
+    """Each named field is a finite number above zero (epsilons, rope_theta)."""
+    for name in names:
+        value = getattr(config, name, None)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+        if not ok:
+            raise InvalidConfigError(f"{where}: {name}={value!r} must be a finite number above 0; fix config.json.")
+
+
+def _check_divides(where: str, part: str, a: int, whole: str, b: int) -> None:
+    if b % a:
+        raise InvalidConfigError(f"{where}: {part}={a} does not divide {whole}={b}; fix config.json.")
+
+
+def _validate_text(text: Any) -> None:
+    where = "text config"
+    sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    _check_sizes(where, text, *sizes, "max_position_embeddings")
+    _check_positive(where, text, "rms_norm_eps")
+    if getattr(text, "head_dim", None) is not None:
+        _check_sizes(where, text, "head_dim")
+    else:
+        _check_divides(where, "num_attention_heads", text.num_attention_heads, "hidden_size", text.hidden_size)
+    if getattr(text, "num_key_value_heads", None) is not None:
+        _check_sizes(where, text, "num_key_value_heads")
+        heads = text.num_attention_heads
+        _check_divides(where, "num_key_value_heads", text.num_key_value_heads, "num_attention_heads", heads)
+    if getattr(text, "sliding_window", None) is not None:
+        _check_sizes(where, text, "sliding_window")
+
+
+def _validate_vision(v: Any) -> None:
+    where = "vision config"
+    sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size")
+    _check_sizes(where, v, *sizes, "patch_size", "num_channels")
+    _check_positive(where, v, "layer_norm_eps")
+    _check_divides(where, "num_attention_heads", v.num_attention_heads, "hidden_size", v.hidden_size)
+    if v.patch_size > v.image_size:
+        raise InvalidConfigError(f"{where}: patch_size={v.patch_size} is larger than image_size={v.image_size}.")
+
+
 def _check_act(name: str, where: str) -> str:
     if name not in SUPPORTED_ACTIVATIONS:
         raise UnsupportedConfigError(
@@ -115,6 +169,7 @@ def language_config(text: Any, dtype: torch.dtype, device: str | None = None) ->
             f"text model type {text.model_type!r} is not supported; HookedLlava implements "
             f"{', '.join(SUPPORTED_TEXT_MODELS)}."
         )
+    _validate_text(text)
     rope = dict(getattr(text, "rope_parameters", None) or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
@@ -122,6 +177,8 @@ def language_config(text: Any, dtype: torch.dtype, device: str | None = None) ->
             f"rope scaling type {rope_type!r} is not supported; only unscaled ('default') rotary "
             "embeddings are implemented. Remove `rope_scaling` from the config or use HF directly."
         )
+    theta = rope.get("rope_theta", getattr(text, "rope_theta", 10000.0))
+    _check_positive("text config", SimpleNamespace(rope_theta=theta), "rope_theta")
     n_heads = text.num_attention_heads
     qkv_bias = bool(getattr(text, "attention_bias", False)) or text.model_type == "qwen2"
     o_bias = bool(getattr(text, "attention_bias", False)) and text.model_type != "qwen2"
@@ -138,7 +195,7 @@ def language_config(text: Any, dtype: torch.dtype, device: str | None = None) ->
         n_key_value_heads=text.num_key_value_heads or n_heads,
         eps=text.rms_norm_eps,
         act_fn=_check_act(text.hidden_act, "the language model"),
-        rope_theta=float(rope.get("rope_theta", getattr(text, "rope_theta", 10000.0))),
+        rope_theta=float(theta),
         attention_bias=qkv_bias,
         output_bias=o_bias,
         mlp_bias=bool(getattr(text, "mlp_bias", False)),
@@ -193,6 +250,7 @@ def vision_config(v: Any, feature_layer: int | list[int], strategy: str, dtype: 
         raise UnsupportedConfigError(
             f"vision_feature_select_strategy {strategy!r} is not supported; use one of {SELECT_STRATEGIES}."
         )
+    _validate_vision(v)
     layers, computed = _feature_layers(feature_layer, v.num_hidden_layers)
     grid = v.image_size // v.patch_size
     return VisionConfig(
@@ -235,6 +293,11 @@ def configs_from_hf(hf_config: Any, dtype: torch.dtype | None = None) -> LlavaCo
             f"got {hf_config.vision_feature_select_strategy!r}."
         )
     lm.image_token_id = hf_config.image_token_id
+    if not isinstance(lm.image_token_id, int) or not 0 <= lm.image_token_id < lm.d_vocab:
+        raise InvalidConfigError(
+            f"image_token_id={lm.image_token_id!r} is not a token id of the {lm.d_vocab}-token vocabulary; "
+            "fix config.json."
+        )
     vision = vision_config(
         hf_config.vision_config,
         hf_config.vision_feature_layer,

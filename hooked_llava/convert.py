@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import Tensor
 
 from .config import LlavaConfigs
@@ -55,6 +56,11 @@ class _Keys:
         t = self.sd[key]
         if shape is not None and tuple(t.shape) != shape:
             raise CheckpointError(f"{self.name}:{key!r} has shape {tuple(t.shape)}, expected {shape}.")
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(
+                f"{self.name}:{key!r} has {bad} non-finite value(s) (NaN or inf); the checkpoint is corrupt."
+            )
         self.used.add(key)
         return t
 
