@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from .checkpoint_files import load_weights, read_json, regular_file, weight_files
-from .config import configs_from_hf
+from .config import InvalidConfigError, configs_from_hf
 from .convert import CheckpointError, convert
 from .resolve import SHIPPED, resolve
 
@@ -68,6 +68,21 @@ def _load_processor(directory: Path) -> Any:
         f"the processor files in {directory} ({', '.join(p.name for p in present)}) could not be loaded "
         f"({'; '.join(errors)}). Fix or remove them, or pass processor=... to use your own."
     )
+
+
+def _read_config(directory: Path, name: str) -> Any:
+    """The HF config of `directory`, or an error naming config.json and what is wrong with it."""
+    from transformers import AutoConfig
+
+    if not (directory / "config.json").exists():
+        shipped = SHIPPED / name
+        hint = f" A shipped model has that name too: pass {shipped} to load it." if shipped.is_dir() else ""
+        raise FileNotFoundError(f"{directory} has no config.json; pass the folder a model was saved to.{hint}")
+    read_json(directory / "config.json")  # a clear error for a FIFO or broken JSON
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except Exception as err:  # transformers validates fields itself, with several error types
+        raise InvalidConfigError(f"{directory / 'config.json'} is invalid: {type(err).__name__}: {err}") from err
 
 
 def _dtype(hf_config: Any, dtype: Any) -> torch.dtype:
@@ -153,15 +168,8 @@ class LoadingMixin:
         Example:
             >>> model = HookedLlava.from_pretrained("shapes-llava")
         """
-        from transformers import AutoConfig
-
         directory = resolve(name_or_dir)
-        if not (directory / "config.json").exists():
-            shipped = SHIPPED / str(name_or_dir)
-            hint = f" A shipped model has that name too: pass {shipped} to load it." if shipped.is_dir() else ""
-            raise FileNotFoundError(f"{directory} has no config.json; pass the folder a model was saved to.{hint}")
-        read_json(directory / "config.json")  # a clear error for a FIFO or broken JSON
-        hf_config = AutoConfig.from_pretrained(directory)
+        hf_config = _read_config(directory, str(name_or_dir))
         configs_from_hf(hf_config)  # refuse an unsupported config before reading any weights
         state = read_checkpoint(directory, allow_pickle)
         processor = processor if processor is not None else _load_processor(directory)
