@@ -15,14 +15,12 @@ from typing import Any
 import torch
 from transformer_lens.config import TransformerLensConfig
 
+from .config_checks import InvalidConfigError, UnsupportedConfigError, check_positive, validate_text, validate_vision
+
 SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
 TEXT_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "quick_gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 SELECT_STRATEGIES = ("default", "full")
-
-
-class UnsupportedConfigError(ValueError):
-    """A Hugging Face config asks for something HookedLlava does not implement."""
 
 
 @dataclass
@@ -100,59 +98,6 @@ class LlavaConfigs:
     pinpoints: tuple[tuple[int, int], ...] | None = None  # LLaVA-NeXT anyres grid resolutions (height, width)
 
 
-class InvalidConfigError(UnsupportedConfigError):
-    """A config value is out of range: a non-positive size or epsilon, heads that do not divide the width."""
-
-
-def _check_sizes(where: str, config: Any, *names: str) -> None:
-    """Each named field is a positive integer."""
-    for name in names:
-        value = getattr(config, name, None)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise InvalidConfigError(f"{where}: {name}={value!r} must be a positive integer; fix config.json.")
-
-
-def _check_positive(where: str, config: Any, *names: str) -> None:
-    """Each named field is a finite number above zero (epsilons, rope_theta)."""
-    for name in names:
-        value = getattr(config, name, None)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
-        if not ok:
-            raise InvalidConfigError(f"{where}: {name}={value!r} must be a finite number above 0; fix config.json.")
-
-
-def _check_divides(where: str, part: str, a: int, whole: str, b: int) -> None:
-    if b % a:
-        raise InvalidConfigError(f"{where}: {part}={a} does not divide {whole}={b}; fix config.json.")
-
-
-def _validate_text(text: Any) -> None:
-    where = "text config"
-    sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-    _check_sizes(where, text, *sizes, "max_position_embeddings")
-    _check_positive(where, text, "rms_norm_eps")
-    if getattr(text, "head_dim", None) is not None:
-        _check_sizes(where, text, "head_dim")
-    else:
-        _check_divides(where, "num_attention_heads", text.num_attention_heads, "hidden_size", text.hidden_size)
-    if getattr(text, "num_key_value_heads", None) is not None:
-        _check_sizes(where, text, "num_key_value_heads")
-        heads = text.num_attention_heads
-        _check_divides(where, "num_key_value_heads", text.num_key_value_heads, "num_attention_heads", heads)
-    if getattr(text, "sliding_window", None) is not None:
-        _check_sizes(where, text, "sliding_window")
-
-
-def _validate_vision(v: Any) -> None:
-    where = "vision config"
-    sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size")
-    _check_sizes(where, v, *sizes, "patch_size", "num_channels")
-    _check_positive(where, v, "layer_norm_eps")
-    _check_divides(where, "num_attention_heads", v.num_attention_heads, "hidden_size", v.hidden_size)
-    if v.patch_size > v.image_size:
-        raise InvalidConfigError(f"{where}: patch_size={v.patch_size} is larger than image_size={v.image_size}.")
-
-
 def _check_act(name: str, where: str) -> str:
     if name not in SUPPORTED_ACTIVATIONS:
         raise UnsupportedConfigError(
@@ -169,7 +114,7 @@ def language_config(text: Any, dtype: torch.dtype, device: str | None = None) ->
             f"text model type {text.model_type!r} is not supported; HookedLlava implements "
             f"{', '.join(SUPPORTED_TEXT_MODELS)}."
         )
-    _validate_text(text)
+    validate_text(text)
     rope = dict(getattr(text, "rope_parameters", None) or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
@@ -178,7 +123,7 @@ def language_config(text: Any, dtype: torch.dtype, device: str | None = None) ->
             "embeddings are implemented. Remove `rope_scaling` from the config or use HF directly."
         )
     theta = rope.get("rope_theta", getattr(text, "rope_theta", 10000.0))
-    _check_positive("text config", SimpleNamespace(rope_theta=theta), "rope_theta")
+    check_positive("text config", SimpleNamespace(rope_theta=theta), "rope_theta")
     n_heads = text.num_attention_heads
     qkv_bias = bool(getattr(text, "attention_bias", False)) or text.model_type == "qwen2"
     o_bias = bool(getattr(text, "attention_bias", False)) and text.model_type != "qwen2"
@@ -250,7 +195,7 @@ def vision_config(v: Any, feature_layer: int | list[int], strategy: str, dtype: 
         raise UnsupportedConfigError(
             f"vision_feature_select_strategy {strategy!r} is not supported; use one of {SELECT_STRATEGIES}."
         )
-    _validate_vision(v)
+    validate_vision(v)
     layers, computed = _feature_layers(feature_layer, v.num_hidden_layers)
     grid = v.image_size // v.patch_size
     return VisionConfig(

@@ -3,7 +3,8 @@
 Each sub-model has one function `dict[str, Tensor] -> dict[str, Tensor]`; `convert`
 splits a checkpoint by prefix (both the on-disk `language_model.model.*` layout and the
 transformers ≥5 `model.language_model.*` one), composes them, and accounts for every key:
-each source key is consumed or deliberately ignored, and anything else is an error.
+each source key is consumed or deliberately ignored, and anything else is an error. Every
+tensor taken must have its asserted shape and finite values (a NaN or inf is an error naming it).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ IGNORED = (
 
 
 class CheckpointError(ValueError):
-    """A checkpoint's keys or shapes do not match the model its config describes."""
+    """A checkpoint cannot be loaded unambiguously: its files, keys, shapes or values are wrong."""
 
 
 class _Keys:

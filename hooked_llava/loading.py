@@ -1,7 +1,9 @@
 """Loading HookedLlava from HF models, local directories, shipped names and hub ids.
 
 `from_pretrained` reads `config.json` and the safetensors shards directly into a model
-built on the meta device, so peak memory stays close to one copy of the weights.
+built on the meta device, so peak memory stays close to one copy of the weights. Names are
+resolved in `resolve.py` (local folders first, the hub under a deadline); which files are read,
+and how ambiguity is refused, lives in `checkpoint_files.py`.
 """
 
 from __future__ import annotations
@@ -157,11 +159,16 @@ class LoadingMixin:
         fold_ln: bool = False,
         center_unembed: bool = False,
     ) -> Any:
-        """Load a shipped model ("shapes-llava", "shapes-lm"), a local directory or a hub id.
+        """Load a local directory, a shipped model ("shapes-llava", "shapes-lm") or a hub id "org/name".
+
+        A local directory wins over a shipped model of the same name (with a warning); a path that
+        does not exist is an error and never goes to the hub; the hub must answer within
+        `HOOKED_LLAVA_HUB_TIMEOUT` seconds (default 30), else set `HF_HUB_OFFLINE=1` to use the cache.
 
         Args:
             dtype: defaults to the checkpoint's dtype (float32 if it does not say).
-            processor: defaults to the processor (or tokenizer) saved with the checkpoint.
+            processor: defaults to the processor (or tokenizer) saved with the checkpoint; saved
+                processor files that do not load are an error unless you pass your own.
             allow_pickle: allow pickled `.bin` weights, loaded with `weights_only=True`.
             fold_ln, center_unembed: weight processing as in legacy TransformerLens.
 

@@ -370,3 +370,50 @@ def test_configs_edited_in_memory_are_checked_too(section, field, value, message
     setattr(getattr(config, section), field, value)
     with pytest.raises(InvalidConfigError, match=message):
         configs_from_hf(config)
+
+
+def test_an_unreachable_hub_falls_back_to_a_complete_cached_copy(stalled_hub, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    calls = []
+
+    def cached(repo_id, allow_patterns=None, local_files_only=False):
+        calls.append((repo_id, local_files_only))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cached)
+    assert resolve("someorg/some-llava") == tmp_path
+    assert stalled_hub and calls == [("someorg/some-llava", True)]
+
+
+def test_offline_mode_reads_only_the_cache(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda **kw: pytest.fail("offline mode must not ask the hub"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, allow_patterns, local_files_only: tmp_path)
+    assert resolve("someorg/some-llava") == tmp_path
+
+
+def test_a_hub_download_takes_only_top_level_config_tokenizer_and_weight_files(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub.hf_api import RepoSibling
+
+    names = ["config.json", "model.safetensors", "tokenizer.model", "README.md", "sub/model.safetensors", "x.bin"]
+    info = type("Info", (), {"sha": "a" * 40, "siblings": [RepoSibling(rfilename=n) for n in names]})()
+    api = type("Api", (), {"model_info": lambda self, repo, timeout: info})
+    fetched = []
+
+    def download(repo_id, filename, revision, endpoint, etag_timeout):
+        fetched.append((filename, revision, endpoint, etag_timeout))
+        return str(tmp_path / "snapshot" / filename)
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.invalid")
+    monkeypatch.setenv("HOOKED_LLAVA_HUB_TIMEOUT", "7")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda endpoint: api())
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert resolve("org/name") == tmp_path / "snapshot"
+    expected = ["config.json", "model.safetensors", "tokenizer.model"]
+    assert fetched == [(n, "a" * 40, "http://mirror.invalid", 7.0) for n in expected]
