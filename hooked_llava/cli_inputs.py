@@ -129,40 +129,27 @@ def build_inputs(model: Any, args: argparse.Namespace, example: Any, image: Any)
             inputs = model.prepare(images=[image], prompts=[example.prompt], boxes=boxes)
     except ValueError as err:
         raise UsageError(str(err).splitlines()[0]) from err
-    check_known_words(model, inputs.input_ids[0], question or prompt)
     return inputs
 
 
 def _text_inputs(model: Any, example: Any, question: str | None, prompt: str | None) -> Any:
     """Inputs for a text-only model: the scene described in words in place of the image."""
-    import torch
-
-    from .processing import _question_mask
-
     if prompt is not None:
-        text, span = prompt, None
+        text = prompt
     elif question is not None:
-        head = f"USER: {example.scene.describe()}\n"
-        text, span = f"{head}{question}\nASSISTANT:", (len(head), len(head) + len(question))
+        text = _text_prompt(model.tokenizer, example.scene.describe(), question)
     else:
-        text, span = example.text_prompt, example.text_question_span
-    encoded = model.tokenizer(text, return_offsets_mapping=True, return_tensors="pt")
-    inputs = model.prepare(input_ids=encoded["input_ids"])
-    inputs.question_mask = _question_mask(encoded["offset_mapping"], [text], [span], "<image>", [])
-    inputs.texts = [text]
-    check_known_words(model, inputs.input_ids[0], question or prompt)
-    inputs.attention_mask = inputs.attention_mask.to(torch.long)
-    return inputs
+        text = example.text_prompt
+    try:
+        return model.prepare(prompts=[text])  # the question is the last line of the user's turn
+    except ValueError as err:
+        raise UsageError(str(err).splitlines()[0]) from err
 
 
-def check_known_words(model: Any, ids: Any, text: str | None) -> None:
-    """Refuse a prompt with words the tokenizer turns into `<unk>`, listing the words it knows."""
-    tokenizer = model.tokenizer
-    unk = tokenizer.unk_token_id
-    if text is None or unk is None or not bool((ids == unk).any()):
-        return
-    words = re.findall(r"[^\s,.?!:]+", text)
-    unknown = [w for w in words if unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
-    vocab = sorted(t for t in tokenizer.get_vocab() if t.isalpha())
-    known = f"; it knows: {', '.join(vocab)}" if len(vocab) <= 300 else ""
-    raise UsageError(f"unknown word(s) {', '.join(map(repr, unknown or ['?']))} for this model's tokenizer{known}.")
+def _text_prompt(tokenizer: Any, context: str, question: str) -> str:
+    """The scene description and the question in the model's own chat template (its answer format)."""
+    if getattr(tokenizer, "chat_template", None):
+        content = [{"type": "text", "text": context}, {"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"USER: {context}\n{question}\nASSISTANT:"

@@ -106,18 +106,36 @@ def check_known_words(
         warnings.warn("outside the question, " + unknown_words_message(tokenizer, around), stacklevel=4)
 
 
+def known_words(tokenizer: Any) -> list[str]:
+    """The vocabulary as sorted readable words (BPE/SentencePiece/WordPiece markers stripped, specials left out)."""
+    special = set(getattr(tokenizer, "all_special_tokens", []))
+    pieces = (p for p in tokenizer.get_vocab() if p not in special)
+    words = {p.replace("Ġ", " ").replace("▁", " ").removeprefix("##").strip() for p in pieces}
+    return sorted(w for w in words if w and w.isprintable())
+
+
+def near_words(tokenizer: Any, word: str, n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """Known words closest to `word`: the same word in another case first, then difflib's matches."""
+    words: dict[str, str] = {}
+    for known in known_words(tokenizer):
+        words.setdefault(known.lower(), known)
+    key = word.strip().lower()
+    if key in words:
+        return [words[key]]
+    return [words[c] for c in difflib.get_close_matches(key, list(words), n=n, cutoff=cutoff)]
+
+
 def unknown_words_message(tokenizer: Any, unknown: list[str]) -> str:
     """What was unknown, close known words, and the known words themselves for a small vocabulary."""
-    special = set(getattr(tokenizer, "all_special_tokens", []))
-    known = sorted(w for w in tokenizer.get_vocab() if w not in special and w.strip())
     lines = []
     for word in unknown:
-        close = [w for w in known if w.lower() == word.lower()] or difflib.get_close_matches(word, known, n=3)
+        close = near_words(tokenizer, word)
         hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
         lines.append(f"{word!r}{hint}")
     message = (
         f"the prompt holds word(s) this tokenizer does not know: {', '.join(lines)}; they become its unknown token. "
     )
+    known = known_words(tokenizer)
     if len(known) <= SMALL_VOCAB:
         return message + f"Its {len(known)} known words are: {' '.join(known)}"
     return message + f"See model.tokenizer.get_vocab() for its {len(known)} known tokens."

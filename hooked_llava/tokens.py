@@ -7,7 +7,6 @@ with its EOS (or BOS) id, as TransformerLens does, without modifying the tokeniz
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 import numpy as np
@@ -17,6 +16,7 @@ from torch import Tensor
 
 from .inputs import LlavaInputs
 from .next import HIGHRES, NEWLINE
+from .prompts import SMALL_VOCAB, known_words, near_words
 
 StrTokens = list[str] | list[list[str]]
 
@@ -135,25 +135,11 @@ class TokensMixin:
         unk = getattr(tok, "unk_token_id", None)
         if unk is not None and unk in ids and string.strip() != tok.unk_token:
             raise ValueError(
-                f"{string!r} is not in the vocabulary (the tokenizer maps it to {tok.unk_token!r}).{self._near(string)}"
+                f"{string!r} is not in the vocabulary (the tokenizer maps it to {tok.unk_token!r}).{_hint(tok, string)}"
             )
         if len(ids) != 1:
             raise ValueError(f"{string!r} is {len(ids)} tokens ({ids}), not one.")
         return int(ids[0])
-
-    def _near(self, word: str, n: int = 5) -> str:
-        """A hint naming the vocabulary's closest words to `word` (case-insensitive), or where to look."""
-        words: dict[str, str] = {}
-        for piece in self.tokenizer.get_vocab():
-            text = piece.replace("Ġ", " ").replace("▁", " ").removeprefix("##").strip()
-            if text.isprintable() and text:
-                words.setdefault(text.lower(), text)
-        close = difflib.get_close_matches(word.strip().lower(), list(words), n=n, cutoff=0.5)
-        if close:
-            return f" Did you mean: {', '.join(repr(words[c]) for c in close)}?"
-        if len(words) <= 100:
-            return f" The vocabulary's words: {', '.join(sorted(words.values()))}."
-        return " See `model.tokenizer.get_vocab()` for the known tokens."
 
     def to_single_str_token(self, int_token: int | Tensor) -> str:
         """The string of one token id (the inverse of `to_single_token`)."""
@@ -215,3 +201,14 @@ def _image_labels(inputs: LlavaInputs) -> list[list[str | None]]:
                 row.append("<img cls>" if r < 0 else f"<img {'hi ' if kind == HIGHRES else ''}{r},{c}>")
         labels.append(row)
     return labels
+
+
+def _hint(tokenizer: Any, word: str) -> str:
+    """Close known words, or the whole (small) vocabulary, or where to look."""
+    close = near_words(tokenizer, word, n=5, cutoff=0.5)
+    if close:
+        return f" Did you mean: {', '.join(map(repr, close))}?"
+    words = known_words(tokenizer)
+    if len(words) <= SMALL_VOCAB:
+        return f" The vocabulary's words: {', '.join(words)}."
+    return " See `model.tokenizer.get_vocab()` for the known tokens."

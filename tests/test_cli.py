@@ -58,7 +58,7 @@ def test_unknown_word_lists_the_known_words(capsys, tmp_path):
     err = _one_line_error(
         capsys, ["explain", "--question", "What is the color of the dog?", "--out", str(tmp_path)], "'dog'"
     )
-    assert "it knows:" in err and "circle" in err and "red" in err
+    assert "known words are:" in err and "circle" in err and "red" in err
 
 
 def test_shapes_lm_gets_a_full_text_report_and_replacing_is_said(capsys, tmp_path):

@@ -20,7 +20,7 @@ def test_model_satisfies_the_transformer_lens_protocol(tiny):
     """TransformerLens 4 states its model protocol; 3.x has none, so only the config is checked there."""
     model, _ = tiny
     assert model.cfg.n_layers == 3 and model.cfg.normalization_type == "RMS"
-    protocol = pytest.importorskip("transformer_lens.model_protocol", reason="TransformerLens 3.x has no model protocol")
+    protocol = pytest.importorskip("transformer_lens.model_protocol", reason="TransformerLens 3.x has none")
     assert isinstance(model, protocol.TransformerLensModelWithWeights)
 
 
