@@ -10,16 +10,22 @@ round, recording CPU time (`time.process_time`) and wall time of every call.
 from __future__ import annotations
 
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from hooked_llava import HookedLlava
-from hooked_llava.testing import random_images, tiny_llava_config, tiny_processor
+# `python bench/x.py` puts bench/ first on the path, so without this the installed hooked_llava
+# (possibly another checkout's) would be measured instead of this one.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hooked_llava import HookedLlava  # noqa: E402
+from hooked_llava.testing import random_images, tiny_llava_config, tiny_processor  # noqa: E402
 
 # LLaVA-1.5-7B widths: CLIP ViT-L/14-336 (576 patches) and a Vicuna/Llama-7B language model.
 REAL_WIDTH = dict(
@@ -283,7 +289,10 @@ def machine() -> str:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     info = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
     flags = [f for f in info.get("Flags", "").split() if f.startswith(("amx", "avx512_bf16", "avx512f", "avx2"))]
+    import hooked_llava
+
     return (
+        f"hooked_llava from {Path(hooked_llava.__file__).parent}\n"
         f"CPU: {info.get('Model name', '?').strip()} ({info.get('CPU(s)', '?').strip()} CPUs; "
         f"flags: {' '.join(flags)})\n"
         f"python {platform.python_version()}, torch {torch.__version__}, transformers {version('transformers')}, "
