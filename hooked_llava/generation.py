@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
+from .locking import locked
+
 
 def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, gen: Any) -> Tensor:
     logits = logits.float() / max(temperature, 1e-8)
@@ -28,6 +30,7 @@ class GenerationMixin:
 
     cfg: Any
 
+    @locked
     @torch.no_grad()
     def generate(
         self,

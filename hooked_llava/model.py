@@ -6,6 +6,7 @@ The forward pass is: CLIP tower → projector → merge into the token embedding
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -18,11 +19,20 @@ from transformer_lens.HookedRootModule import HookedRootModule
 
 from . import checks
 from . import next as next_
-from .components import Attention, GatedMLP, HookPoint, RMSNorm, TransformerBlock, rotary_cos_sin
+from .components import (
+    Attention,
+    GatedMLP,
+    HookPoint,
+    RMSNorm,
+    TransformerBlock,
+    allow_broadcasting_hooks,
+    rotary_cos_sin,
+)
 from .config import LanguageConfig, LlavaConfigs
 from .generation import GenerationMixin
 from .inputs import LlavaInputs
 from .loading import LoadingMixin
+from .locking import LockingMixin, locked
 from .tokens import TokensMixin
 from .vision import Projector, VisionTower
 from .weights import WeightsMixin
@@ -48,8 +58,22 @@ def _lm_block(cfg: LanguageConfig) -> TransformerBlock:
     )
 
 
-class HookedLlava(LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, HookedRootModule):
+class HookedLlava(LockingMixin, LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, HookedRootModule):
     """LLaVA with every internal exposed as a live TransformerLens hook point.
+
+    Threads: one model may be shared by several threads. Each model has a re-entrant lock that
+    `forward` (and so `model(...)`), `run_with_hooks`, `run_with_cache`, the `hooks()` context
+    manager, `add_hook`, `reset_hooks`, `generate`, `embed_inputs`, `image_features` and
+    `run_blocks` hold for the whole call, so concurrent calls run one at a time and each sees only
+    its own hooks and fills only its own cache. Hooks added with `add_hook` (or kept with
+    `reset_hooks_end=False`) are model state that every later call sees, whichever thread makes it.
+    Inside `with model.hooks(...):` other threads wait until the block ends, so do not wait there
+    for other threads that use the model. To call submodules directly (`model.blocks[3](x)`) from
+    several threads, hold `model.lock`. For throughput, give each thread its own model.
+
+    Hook returns: a forward hook must return None or a tensor of its input's shape and dtype;
+    anything else raises a ValueError naming the hook. To broadcast on purpose (say `[batch, pos, 1]`
+    from `hook_resid_pre`), run inside `with model.allow_broadcasting_hooks():`.
 
     Example:
         >>> model = HookedLlava.from_pretrained("shapes-llava")
@@ -60,6 +84,7 @@ class HookedLlava(LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, Hook
 
     def __init__(self, cfgs: LlavaConfigs, processor: Any = None):
         super().__init__()
+        self._lock = threading.RLock()
         self.cfgs = cfgs
         self.cfg: LanguageConfig = cfgs.lm
         self.processor = processor
@@ -77,6 +102,7 @@ class HookedLlava(LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, Hook
         self.setup()
 
     # --- forward -------------------------------------------------------------------------
+    @locked
     def forward(
         self,
         input: LlavaInputs | Tensor | str | list[str],
@@ -118,6 +144,7 @@ class HookedLlava(LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, Hook
         logits = self.unembed(self.ln_final(x))
         return self._output(logits, inputs, return_type)
 
+    @locked
     def embed_inputs(self, inputs: LlavaInputs) -> Float[Tensor, "batch pos d_model"]:
         """Token embeddings with the projected image features merged in, through `hook_embed`."""
         ids = inputs.input_ids
@@ -132,6 +159,7 @@ class HookedLlava(LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, Hook
             embeds = embeds.masked_scatter(placeholder, features.to(embeds.dtype))
         return self.hook_embed(embeds)
 
+    @locked
     def image_features(self, pixel_values: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> list[Tensor]:
         """Vision tower and projector: per image, the `[n_tokens, d_model]` vectors that replace
         its placeholders (for LLaVA-NeXT: base view, unpadded high-res rows and newlines)."""
@@ -156,6 +184,7 @@ class HookedLlava(LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, Hook
         v = self.vision.cfg
         return [next_.make_layout(tuple(s), list(self.cfgs.pinpoints), v.image_size, v.patch_size) for s in image_sizes]
 
+    @locked
     def run_blocks(
         self,
         x: Tensor,
@@ -250,6 +279,9 @@ class HookedLlava(LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, Hook
         return prepare(self, images=images, prompts=prompts, **kwargs)
 
     # --- TransformerLens surface ------------------------------------------------------------
+    allow_broadcasting_hooks = staticmethod(allow_broadcasting_hooks)
+
+    @locked
     def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, **kwargs: Any) -> tuple[Any, Any]:
         """`HookedRootModule.run_with_cache`, returning an `ActivationCache` bound to this model."""
         checks.names_filter(kwargs.get("names_filter"), self.hook_dict)
