@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -10,6 +11,26 @@ from jaxtyping import Int
 from torch import Tensor
 
 from .locking import locked
+
+
+def _room(n_prompt: int, n_ctx: int, max_new_tokens: int) -> int:
+    """New tokens that fit in the context: capped at `n_ctx - n_prompt` with a warning, as the model
+    has no positions beyond its context length (HF would warn and run past it)."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}.")
+    room = n_ctx - n_prompt
+    if max_new_tokens > 0 and room <= 0:
+        raise ValueError(
+            f"the prompt ({n_prompt} tokens) already fills the model's context length of {n_ctx}: no token "
+            "can be generated. Shorten the prompt."
+        )
+    if max_new_tokens > room:
+        warnings.warn(
+            f"max_new_tokens={max_new_tokens} would run past the model's context length of {n_ctx} "
+            f"(the prompt has {n_prompt} tokens): generating at most {room} new tokens.",
+            stacklevel=2,
+        )
+    return min(max_new_tokens, room)
 
 
 def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, gen: Any) -> Tensor:
@@ -47,7 +68,8 @@ class GenerationMixin:
         eos_token_id: int | list[int] | None = -1,
         seed: int | None = None,
     ) -> Int[Tensor, "batch pos"]:
-        """Decode up to `max_new_tokens`; finished rows are filled with the pad token.
+        """Decode up to `max_new_tokens`; finished rows are filled with the pad token. Decoding stops at
+        the context length `cfg.n_ctx` (the output never exceeds it), with a warning when that cuts it short.
 
         Args:
             input: `LlavaInputs`, token ids or text, as for `forward`.
@@ -58,6 +80,7 @@ class GenerationMixin:
             `[batch, prompt + new]` token ids: the prompt followed by the generated tokens.
         """
         inputs = self.as_inputs(input, pixel_values, attention_mask, image_sizes)  # type: ignore[attr-defined]
+        max_new_tokens = _room(inputs.input_ids.shape[1], self.cfg.n_ctx, max_new_tokens)
         eos = self.cfg.eos_token_id if eos_token_id == -1 else eos_token_id
         eos_ids = torch.as_tensor([] if eos is None else eos, device=inputs.input_ids.device).reshape(-1)
         pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else (int(eos_ids[0]) if len(eos_ids) else 0)

@@ -19,17 +19,10 @@ from transformer_lens.HookedRootModule import HookedRootModule
 
 from . import checks
 from . import next as next_
-from .components import (
-    Attention,
-    GatedMLP,
-    HookPoint,
-    RMSNorm,
-    TransformerBlock,
-    allow_broadcasting_hooks,
-    rotary_cos_sin,
-)
+from .components import Attention, GatedMLP, HookPoint, RMSNorm, TransformerBlock, rotary_cos_sin
 from .config import LanguageConfig, LlavaConfigs
 from .generation import GenerationMixin
+from .hook_points import allow_broadcasting_hooks
 from .inputs import LlavaInputs
 from .loading import LoadingMixin
 from .locking import LockingMixin, locked
@@ -61,19 +54,16 @@ def _lm_block(cfg: LanguageConfig) -> TransformerBlock:
 class HookedLlava(LockingMixin, LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, HookedRootModule):
     """LLaVA with every internal exposed as a live TransformerLens hook point.
 
-    Threads: one model may be shared by several threads. Each model has a re-entrant lock that
-    `forward` (and so `model(...)`), `run_with_hooks`, `run_with_cache`, the `hooks()` context
-    manager, `add_hook`, `reset_hooks`, `generate`, `embed_inputs`, `image_features` and
-    `run_blocks` hold for the whole call, so concurrent calls run one at a time and each sees only
-    its own hooks and fills only its own cache. Hooks added with `add_hook` (or kept with
-    `reset_hooks_end=False`) are model state that every later call sees, whichever thread makes it.
-    Inside `with model.hooks(...):` other threads wait until the block ends, so do not wait there
-    for other threads that use the model. To call submodules directly (`model.blocks[3](x)`) from
-    several threads, hold `model.lock`. For throughput, give each thread its own model.
+    Threads: a model may be shared by threads. A per-model re-entrant lock is held for the whole of
+    `forward`/`model(...)`, `run_with_hooks`, `run_with_cache`, `hooks()`, `add_hook`, `reset_hooks`,
+    `generate`, `embed_inputs`, `image_features` and `run_blocks`: concurrent calls run one at a time,
+    each with only its own hooks and cache. Hooks kept after a call (`add_hook`, `reset_hooks_end=False`)
+    are model state that every later call sees. Other threads wait while a `with model.hooks():` block
+    runs, so do not wait there on threads that use the model. Hold `model.lock` to call submodules
+    directly from several threads; give each thread its own model for throughput.
 
-    Hook returns: a forward hook must return None or a tensor of its input's shape and dtype;
-    anything else raises a ValueError naming the hook. To broadcast on purpose (say `[batch, pos, 1]`
-    from `hook_resid_pre`), run inside `with model.allow_broadcasting_hooks():`.
+    Hook returns: a forward hook returns None or a tensor of its input's shape and dtype; anything else
+    raises a ValueError naming the hook. To broadcast on purpose, use `with model.allow_broadcasting_hooks():`.
 
     Example:
         >>> model = HookedLlava.from_pretrained("shapes-llava")
@@ -167,6 +157,7 @@ class HookedLlava(LockingMixin, LoadingMixin, TokensMixin, WeightsMixin, Generat
             raise ValueError("this is a text-only model: it has no vision tower; drop the image inputs.")
         tiled = self.cfgs.pinpoints is not None
         checks.pixel_values(pixel_values, self.vision.cfg, self.w_e.dtype, tiles=tiled)
+        checks.finite_pixels(pixel_values)
         pixel_values = pixel_values.to(self.w_e.device, self.w_e.dtype)
         if not tiled:
             return list(self.projector(self.vision(pixel_values)))
