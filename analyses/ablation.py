@@ -21,13 +21,16 @@ from tqdm.auto import tqdm
 
 from hooked_llava import HookedLlava, LlavaInputs
 
+from . import ranges
+
 Head = tuple[int, int] | str
 Method = Literal["zero", "mean"]
 Metric = Callable[[Tensor], Tensor]
 
 
 def parse_heads(heads: Head | Sequence[Head], n_layers: int, n_heads: int) -> dict[int, list[int]]:
-    """Heads as `(layer, head)` pairs or study A's names ("22_27"), grouped by layer.
+    """Heads as `(layer, head)` pairs or study A's names ("22_27"), grouped by layer. Negative
+    indices count from the end (`(-1, 0)` is head 0 of the last layer); out-of-range ones raise.
 
     Example:
         >>> parse_heads(["1_2", (0, 3)], n_layers=3, n_heads=4)
@@ -37,8 +40,10 @@ def parse_heads(heads: Head | Sequence[Head], n_layers: int, n_heads: int) -> di
     by_layer: dict[int, list[int]] = {}
     for item in items:
         layer, head = (int(p) for p in item.split("_")) if isinstance(item, str) else (int(item[0]), int(item[1]))
-        if not (0 <= layer < n_layers and 0 <= head < n_heads):
-            raise ValueError(f"head {item!r} out of range: the model has {n_layers} layers of {n_heads} heads.")
+        try:
+            layer, head = ranges.index(layer, n_layers, "layer"), ranges.index(head, n_heads, "head")
+        except ranges.OutOfRange as error:
+            raise ranges.OutOfRange(f"head {item!r}: {error}") from None
         by_layer.setdefault(layer, []).append(head)
     return by_layer
 
@@ -172,6 +177,7 @@ def head_ablation_scan(
         >>> scores = head_ablation_scan(model, inputs, lambda lg: lg[:, -1, answer].mean())
     """
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    heads_per_batch = ranges.count(heads_per_batch, "heads_per_batch")
     values = _values(model, inputs, list(range(n_layers)), method, reference, per_position)
     names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
     with torch.no_grad():

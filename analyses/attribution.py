@@ -29,6 +29,7 @@ from transformer_lens import ActivationCache
 
 from hooked_llava import HookedLlava, LlavaInputs
 
+from . import ranges
 from .logit_lens import at_positions, collect, read_out
 
 Target = int | str | Sequence[int | str] | Tensor | None
@@ -61,11 +62,14 @@ def resolve_targets(
     if target is None:
         return logits.argmax(-1)
     if isinstance(target, Tensor):
-        return target.to(logits.device).long().expand(batch)
+        ids = target.to(logits.device).long().expand(batch)
+        for i in ids.unique().tolist():
+            ranges.token_id(i, model.cfg.d_vocab)
+        return ids
     items = [target] * batch if isinstance(target, (int, str)) else list(target)
     if len(items) != batch:
         raise ValueError(f"give one target for all rows or one per row: got {len(items)} for {batch} rows.")
-    ids = [model.to_single_token(t) if isinstance(t, str) else int(t) for t in items]
+    ids = [model.to_single_token(t) if isinstance(t, str) else ranges.token_id(t, model.cfg.d_vocab) for t in items]
     return torch.tensor(ids, device=logits.device)
 
 
@@ -77,6 +81,9 @@ class FrozenReadout:
         final_resid: the final-layer residual (`resid_post` of the last block) at the last position.
         target: the explained token per row (see `resolve_targets`); default the model's top-1.
         chunk_size: vectors read out per matrix product, to bound memory.
+        dtype: precision of the readout. Default: `torch.promote_types(model dtype, float32)`, so
+            at least float32 and a float64 model reads out in float64. Pass `torch.float64` to
+            resolve score differences below float32's ~1e-5 nats on a float32 model.
 
     Example:
         >>> acts = run_at_last(model, inputs, ["blocks.1.hook_resid_pre", "blocks.1.hook_attn_out"])
@@ -90,17 +97,19 @@ class FrozenReadout:
         final_resid: Float[Tensor, "batch d_model"],
         target: Target = None,
         chunk_size: int = 1024,
+        dtype: torch.dtype | None = None,
     ):
-        x = final_resid.float()
+        self.dtype = torch.promote_types(model.W_U.dtype, torch.float32) if dtype is None else dtype
+        x = final_resid.to(self.dtype)
         self.scale = (x.pow(2).mean(-1) + model.ln_final.eps).sqrt()  # [batch]
-        self.g, self.W_U = model.ln_final.w.float(), model.W_U.float()
+        self.g, self.W_U = model.ln_final.w.to(self.dtype), model.W_U.to(self.dtype)
         self.y = resolve_targets(model, target, read_out(model, final_resid[:, None])[:, 0])
-        self.chunk_size = chunk_size
+        self.chunk_size = ranges.count(chunk_size, "chunk_size")
 
     def log_prob(self, x: Float[Tensor, "batch *units d_model"]) -> Float[Tensor, " batch *units"]:
         """`log P(x)[y]` for every vector of every row."""
-        flat = x.float().reshape(x.shape[0], -1, x.shape[-1])
-        out = torch.empty(flat.shape[:2], device=x.device)
+        flat = x.to(self.dtype).reshape(x.shape[0], -1, x.shape[-1])
+        out = torch.empty(flat.shape[:2], device=x.device, dtype=self.dtype)
         for b in range(flat.shape[0]):
             for s in range(0, flat.shape[1], self.chunk_size):
                 h = self.g * flat[b, s : s + self.chunk_size] / self.scale[b]
@@ -108,7 +117,8 @@ class FrozenReadout:
         return out.reshape(x.shape[:-1])
 
     def score(self, x: Float[Tensor, "batch *xunits d_model"], v: Float[Tensor, "batch *units d_model"]) -> Tensor:
-        """`log P(x + v)[y] − log P(x)[y]`; `x` broadcasts against `v`."""
+        """`log P(x + v)[y] − log P(x)[y]`; `x` broadcasts against `v` (both taken in the readout's dtype)."""
+        x, v = x.to(self.dtype), v.to(self.dtype)
         return self.log_prob(x + v) - self.log_prob(x)
 
 
@@ -187,7 +197,10 @@ def _position_scores(model: HookedLlava, inputs: LlavaInputs, head: tuple[int, i
     vec = position_vectors(
         model, layer, h, acts[f"blocks.{layer}.attn.hook_pattern"], acts[f"blocks.{layer}.attn.hook_v"]
     )
-    return readout.score(acts[f"blocks.{layer}.hook_resid_pre"][:, None], vec)
+    scores = readout.score(acts[f"blocks.{layer}.hook_resid_pre"][:, None], vec)
+    # A padding key adds a zero vector, but `log P(x + 0) − log P(x)` is float noise; mask it to exactly 0.
+    real = inputs.attention_mask.to(scores.device).bool()
+    return scores.masked_fill(~real, 0.0)
 
 
 def _layer_scores(model: HookedLlava, inputs: LlavaInputs, readout_args: dict) -> pd.DataFrame:
@@ -209,6 +222,7 @@ def _neuron_scores(model: HookedLlava, inputs: LlavaInputs, readout_args: dict) 
     scores, step = [], max(1, readout.chunk_size)
     for layer in range(n):
         x, m = acts[f"blocks.{layer}.hook_resid_mid"][:, None], acts[f"blocks.{layer}.mlp.hook_post"]
+        x, m = x.to(readout.dtype), m.to(readout.dtype)
         W_out = model.blocks[layer].mlp.W_out.to(m.dtype)  # [d_mlp, d_model]
         # Vectors m_i W_out[i] are built a chunk of neurons at a time, never all at once.
         chunks = [
@@ -226,6 +240,7 @@ def log_prob_increase(
     target: Target = None,
     head: tuple[int, int] | None = None,
     chunk_size: int = 1024,
+    dtype: torch.dtype | None = None,
 ) -> Tensor | pd.DataFrame:
     """Study A's log-probability increase of model components at the last position.
 
@@ -237,20 +252,24 @@ def log_prob_increase(
             `batch, layer, component` ("attn" | "mlp"), `score`; "neuron" → `[batch, n_layers, d_mlp]`.
         target: explained token: None (the model's top-1 prediction at the last position), a
             token id or single-token string for every row, or one per row.
-        head: `(layer, head)` for `unit="position"`.
+        head: `(layer, head)` for `unit="position"`; negative indices count from the end,
+            out-of-range ones raise.
         chunk_size: vectors per readout matrix product (bounds memory for neurons/positions).
+        dtype: the readout's precision (see `FrozenReadout`): default the model's, at least
+            float32; `torch.float64` resolves differences below ~1e-5 nats.
 
     Example:
         >>> scores = log_prob_increase(model, inputs, unit="head")
         >>> top_heads(scores, k=5)
     """
-    args = {"target": target, "chunk_size": chunk_size}
+    args = {"target": target, "chunk_size": chunk_size, "dtype": dtype}
     if unit == "head":
         return _head_scores(model, inputs, args)
     if unit == "position":
         if head is None:
             raise ValueError("unit='position' scores the positions inside one head: pass head=(layer, head).")
-        return _position_scores(model, inputs, head, args)
+        layer = ranges.index(head[0], model.cfg.n_layers, "layer")
+        return _position_scores(model, inputs, (layer, ranges.index(head[1], model.cfg.n_heads, "head")), args)
     if unit == "layer":
         return _layer_scores(model, inputs, args)
     if unit == "neuron":
@@ -261,13 +280,15 @@ def log_prob_increase(
 def top_units(scores: Float[Tensor, "batch layer unit"], k: int = 10, kind: str = "head") -> pd.DataFrame:
     """The top-k heads (or neurons) of each row, named `"{layer}_{index}"` (e.g. `22_27`).
 
+    `k` must be 1 or more; a `k` above the number of units gives them all.
+
     Returns:
         Columns `batch, rank` (1 = highest score), `name, layer, <kind>, score`.
 
     Example:
         >>> top_units(log_prob_increase(model, inputs, unit="neuron"), k=5, kind="neuron")
     """
-    n_units = scores.shape[2]
+    n_units, k = scores.shape[2], ranges.count(k, "k")
     values, flat = scores.flatten(1).topk(min(k, scores[0].numel()), dim=1)
     records = [
         (b, r + 1, f"{i // n_units}_{i % n_units}", i // n_units, i % n_units, float(values[b, r]))

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from hooked_llava import HookedLlava, LlavaInputs
 
+from . import ranges
 from .logit_lens import collect, read_out
 
 Matrix = Literal["E", "U"]
@@ -94,7 +95,7 @@ def embedding_projection(
         model: the model.
         inputs: the prepared batch.
         matrix, similarity, normalize: see `vocab_scores` (default: dot product with `W_E`).
-        k: tokens per image position.
+        k: tokens per image position, in `1..d_vocab`.
 
     Returns:
         Columns `image, token_index` (index within the image's tokens), `batch, position`
@@ -105,6 +106,7 @@ def embedding_projection(
         >>> table = embedding_projection(model, inputs, "E", k=5)
         >>> table.query("rank == 1")[["row", "col", "token"]]
     """
+    k = ranges.count(k, "k", 1, model.cfg.d_vocab)
     embeds = layer0_inputs(model, inputs)
     where = inputs.image_mask.nonzero().cpu()  # row-major: the order the image features fill placeholders
     scores, ids = vocab_scores(model, embeds[where[:, 0], where[:, 1]], matrix, similarity, normalize).topk(k, dim=-1)
@@ -133,7 +135,7 @@ def reciprocal_ranks(scores: Float[Tensor, "*lead d_vocab"], tokens: Int[Tensor,
 
 
 def _row_tokens(model: HookedLlava, tokens: Tokens, batch: int) -> list[list[int]]:
-    as_id = lambda t: model.to_single_token(t) if isinstance(t, str) else int(t)  # noqa: E731
+    as_id = lambda t: model.to_single_token(t) if isinstance(t, str) else ranges.token_id(t, model.cfg.d_vocab)  # noqa: E731
     if isinstance(tokens, (int, str)):
         return [[as_id(tokens)]] * batch
     if len(tokens) != batch:
@@ -185,6 +187,7 @@ def mrr(
 
 
 def _position_mask(inputs: LlavaInputs, positions: str | Sequence[int] | Tensor) -> Tensor:
+    positions = ranges.positions(inputs, positions)
     if isinstance(positions, Tensor) and positions.ndim == 2 and positions.dtype != torch.bool:
         mask = torch.zeros_like(inputs.input_ids, dtype=torch.bool)
         return mask.scatter(1, positions.long().to(mask.device), True)

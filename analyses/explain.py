@@ -1,25 +1,27 @@
 """`hooked-llava explain`: one question about one image, explained in a self-contained HTML report.
 
-The report shows the answer and its probability, where the answer forms across layers (logit
-lens), which heads write it (log-probability increase), which image patches it comes from
-(study A's patch tool beside its attention baseline), which information flows it needs
-(study B's knockout curves), and what the top image patches mean in vocabulary space.
+`explain` computes; `analyses.explain_html.write_html` writes the page. The report shows the
+answer and its strongest competitors, where the answer forms across layers (logit lens), which
+heads write it (log-probability increase), which image patches it comes from (study A's patch
+tool, computed in float64, beside its attention baseline), which information flows it needs
+(study B's knockout, in nats and in the study's relative change), and what the top image
+patches mean in vocabulary space. Text-only models get every section that needs no image.
+Tokens are tracked by id and shown with the tokenizer's own decoding.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
+import copy
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
@@ -27,163 +29,212 @@ from matplotlib.figure import Figure  # noqa: E402
 from hooked_llava import HookedLlava, LlavaInputs  # noqa: E402
 
 FLOWS = ["question->last", "image->last", "image->question", "last->last"]
+TEXT_FLOWS = ["question->last", "last->last"]
 SECTIONS = ("answer", "logit-lens", "heads", "patches", "knockout", "embedding")
+TEXT_SECTIONS = ("answer", "logit-lens", "heads", "knockout")
+# Differences of log-probabilities a readout can resolve: float32 rounding sits near 1e-5 nats.
+NOISE_FLOOR = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
 @dataclass
 class Report:
-    """Everything `explain` computed: figures (by file stem), tables and the headline numbers.
+    """Everything `explain` computed: headline numbers, figures (by file stem), tables, notes.
 
     Example:
         >>> report = explain(model, model.prepare(images=[image], questions=["What is the color of the circle?"]))
         >>> report.answer, report.probability, sorted(report.figures)
     """
 
+    model: str
+    prompt: str
     question: str
     answer: str
+    answer_id: int
     probability: float
+    sections: tuple[str, ...] = SECTIONS
+    image: np.ndarray | None = None  # the image as the vision tower saw it, [h, w, 3] in [0, 1]
     figures: dict[str, Figure] = field(default_factory=dict)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # sentences shown in the report, by section
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)  # patch maps, [grid, grid]
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _step(report: Report, name: str, say: Callable[[str], None]) -> Callable[[Callable[[], Any]], Any]:
-    def run(fn: Callable[[], Any]) -> Any:
-        say(f"[{len(report.timings) + 1}/{len(SECTIONS)}] {name} ...")
-        start = time.perf_counter()
-        out = fn()
-        report.timings[name] = time.perf_counter() - start
-        return out
+def token_text(model: HookedLlava, token: int) -> str:
+    """A token as the tokenizer decodes it; quoted when it has surrounding spaces (e.g. `' red'`)."""
+    text = model.tokenizer.decode([int(token)])
+    return text if text and text.strip() == text else repr(text)
 
-    return run
+
+def _timed(report: Report, name: str, say: Callable[[str], None], fn: Callable[[], Any]) -> Any:
+    say(f"[{len(report.timings) + 1}/{len(report.sections)}] {name} ...")
+    start = time.perf_counter()
+    out = fn()
+    report.timings[name] = time.perf_counter() - start
+    return out
 
 
 def explain(
-    model: HookedLlava, inputs: LlavaInputs, say: Callable[[str], None] = print, flows: list[str] | None = None
+    model: HookedLlava,
+    inputs: LlavaInputs,
+    say: Callable[[str], None] = print,
+    flows: list[str] | None = None,
+    model_name: str | None = None,
 ) -> Report:
-    """Run every analysis of the report on a single-example batch.
+    """Run every analysis of the report on a one-example batch.
+
+    Args:
+        model: the model (a LLaVA, or a text-only model: the image sections are left out).
+        inputs: one prepared example; `boxes` (the objects the question names) are optional.
+        say: progress messages.
+        flows: knockout flows (default: the study's four main ones, or the text ones).
+        model_name: shown in the report (default: the model's architecture).
 
     Example:
         >>> report = explain(model, model.prepare(images=[image], questions=["What is the color of the circle?"]))
         >>> write_html(report, "report/")
     """
-    from . import plot_flows, plotting
-    from .attribution import log_prob_increase, top_heads
-    from .embedding import embedding_projection
-    from .knockout import knockout_sweep, summarize_knockout
-    from .logit_lens import logit_lens, token_ranks
-    from .patch_importance import patch_importance
+    if len(inputs) != 1:
+        raise ValueError(f"explain takes one example; got a batch of {len(inputs)} (use inputs[[i]]).")
+    has_image = inputs.pixel_values is not None
+    start = time.perf_counter()
+    report = _answer(model, inputs, model_name or model.cfg.original_architecture)
+    report.sections = SECTIONS if has_image else TEXT_SECTIONS
+    report.timings["answer"] = time.perf_counter() - start
+    say(f"[1/{len(report.sections)}] answer: {report.answer!r} (p = {report.probability:.3f})")
+    _timed(report, "logit lens", say, lambda: _logit_lens(model, inputs, report))
+    top_head = _timed(report, "head attribution", say, lambda: _heads(model, inputs, report))
+    if has_image:
+        from .explain_patches import patch_section
 
-    with torch.no_grad():
-        probs = model(inputs)[0, inputs.last[0]].float().softmax(-1)
-    answer_id = int(probs.argmax())
-    answer = model.to_string([answer_id]).strip()
-    question = " ".join(model.to_str_tokens(inputs.input_ids[0][inputs.mask("question")[0]]))
-    report = Report(question=question, answer=answer, probability=float(probs[answer_id]))
-    say(f"[1/{len(SECTIONS)}] answer: {answer!r} (p = {report.probability:.3f})")
-    report.timings["answer"] = 0.0
-    lens = _step(report, "logit lens", say)(lambda: token_ranks(model, logit_lens(model, inputs), [answer]))
-    report.tables["logit_lens"] = lens
-    report.figures["logit_lens_prob"] = plotting.plot_logit_lens(lens, value="prob")
-    report.figures["logit_lens_rank"] = plotting.plot_logit_lens(lens, value="rank")
-    heads = _step(report, "head attribution", say)(lambda: log_prob_increase(model, inputs, unit="head"))
-    report.tables["top_heads"] = top_heads(heads, k=10)
-    report.figures["head_scores"] = plotting.plot_head_scores(heads)
-    maps = _step(report, "patch importance", say)(
-        lambda: {
-            m: patch_importance(model, inputs, method=m, progress=False) for m in ("log_prob_increase", "attention")
-        }
-    )
-    report.figures["patches_tool"] = plotting.plot_patch_heatmap(inputs, maps["log_prob_increase"], title="patch tool")
-    report.figures["patches_attention"] = plotting.plot_patch_heatmap(inputs, maps["attention"], title="attention")
-    sweep = _step(report, "attention knockout", say)(
-        lambda: knockout_sweep(model, inputs, flows or FLOWS, answer=answer_id, progress=False)
-    )
-    report.tables["knockout"] = summarize_knockout(sweep)
-    report.figures["knockout"] = plot_flows.plot_knockout(report.tables["knockout"], title="attention knockout")
-    projection = _step(report, "embedding projection", say)(lambda: embedding_projection(model, inputs, k=5))
-    report.tables["embedding"] = _top_patch_tokens(projection, maps["log_prob_increase"][0], k=5)
+        report.image = _picture(inputs)
+        _timed(report, "patch importance", say, lambda: patch_section(model, inputs, report, top_head))
+    default = FLOWS if has_image else TEXT_FLOWS
+    _timed(report, "attention knockout", say, lambda: _knockout(model, inputs, report, flows or default))
+    if has_image:
+        from .explain_patches import embedding_section
+
+        _timed(report, "embedding projection", say, lambda: embedding_section(model, inputs, report))
     return report
 
 
-def _top_patch_tokens(projection: pd.DataFrame, heat: torch.Tensor, k: int) -> pd.DataFrame:
-    """The vocabulary-space tokens of the `k` most important image patches, one row per patch."""
-    flat = heat.flatten()
-    top = flat.topk(min(k, flat.numel())).indices.tolist()
-    width = heat.shape[-1]
+def _picture(inputs: LlavaInputs) -> np.ndarray:
+    from .plotting import processed_image
+
+    return processed_image(inputs)
+
+
+def _answer(model: HookedLlava, inputs: LlavaInputs, name: str) -> Report:
+    with torch.no_grad():
+        probs = model(inputs)[0, inputs.last[0]].double().softmax(-1)
+    answer_id = int(probs.argmax())
+    ids = inputs.input_ids[0][inputs.attention_mask[0].bool()]
+    question_ids = inputs.input_ids[0][inputs.mask("question")[0]]
+    prompt = inputs.texts[0] if inputs.texts else model.tokenizer.decode(ids)
+    question = model.tokenizer.decode(question_ids).strip() if len(question_ids) else prompt
+    report = Report(name, prompt, question, token_text(model, answer_id), answer_id, float(probs[answer_id]))
+    top = probs.topk(min(5, probs.numel()))
+    report.tables["answer"] = pd.DataFrame(
+        {
+            "rank": range(1, len(top.indices) + 1),
+            "token": [token_text(model, int(t)) for t in top.indices],
+            "token id": top.indices.tolist(),
+            "probability": top.values.tolist(),
+        }
+    )
+    return report
+
+
+def _logit_lens(model: HookedLlava, inputs: LlavaInputs, report: Report) -> None:
+    """Rank and probability, after every layer, of the answer and its three strongest competitors."""
+    from .logit_lens import logit_lens
+    from .plotting import plot_logit_lens
+
+    lens = logit_lens(model, inputs)[:, 0, 0].double()  # [layer, d_vocab]
+    final = lens[-1].clone()
+    final[report.answer_id] = -torch.inf
+    tracked = [report.answer_id, *final.topk(3).indices.tolist()]
+    probs, last = lens.softmax(-1), int(inputs.last[0])
     rows = []
-    for rank, cell in enumerate(top, start=1):
-        r, c = divmod(cell, width)
-        here = projection[(projection.row == r) & (projection.col == c)].sort_values("rank")
-        rows.append(
-            {
-                "patch rank": rank,
-                "row": r,
-                "col": c,
-                "importance": round(float(flat[cell]), 4),
-                "top tokens (W_E)": ", ".join(here.token.astype(str).tolist()),
-            }
-        )
-    return pd.DataFrame(rows)
+    for layer in range(lens.shape[0]):
+        for token in tracked:
+            rank = int((lens[layer] > lens[layer, token]).sum()) + 1
+            label = token_text(model, token) + (" (answer)" if token == report.answer_id else "")
+            rows.append((layer, 0, last, label, token, rank, float(probs[layer, token])))
+    table = pd.DataFrame(rows, columns=["layer", "batch", "position", "form", "token_id", "rank", "prob"])
+    report.tables["logit_lens"] = table.drop(columns="batch").rename(columns={"form": "token"})
+    where = f"the last position ({last}, where the answer is predicted)"
+    report.figures["logit_lens_prob"] = plot_logit_lens(table, value="prob", title=f"logit lens at {where}")
+    report.figures["logit_lens_rank"] = plot_logit_lens(table, value="rank", title=f"answer rank at {where}")
+    answer = table[table.token_id == report.answer_id]
+    first = int(answer[answer["rank"] == 1].layer.min()) if (answer["rank"] == 1).any() else None
+    n = model.cfg.n_layers
+    report.notes["logit-lens"] = (
+        f"The answer {report.answer} is the top token from readout {first} on (of 0–{n}; readout {n} is the output)."
+        if first is not None
+        else f"The answer {report.answer} never ranks first in the lens (readouts 0–{n})."
+    )
 
 
-def _png(fig: Figure) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    return buffer.getvalue()
+def _heads(model: HookedLlava, inputs: LlavaInputs, report: Report) -> tuple[int, int]:
+    from .attribution import log_prob_increase, top_heads
+    from .plotting import plot_head_scores
+
+    scores = log_prob_increase(model, inputs, unit="head", target=report.answer_id)
+    table = top_heads(scores, k=10).drop(columns=["batch", "name"])
+    report.tables["top_heads"] = table.rename(columns={"score": "log-prob increase (nats)"})
+    report.figures["head_scores"] = plot_head_scores(scores, title="log-probability increase of each head")
+    return int(table["layer"].iloc[0]), int(table["head"].iloc[0])
 
 
-def _img(name: str, data: bytes) -> str:
-    encoded = base64.b64encode(data).decode()
-    return f'<figure id="fig-{name}"><img alt="{name}" src="data:image/png;base64,{encoded}"></figure>'
+def float64_options(model: HookedLlava, fn: Callable) -> tuple[HookedLlava, dict, torch.dtype]:
+    """How to run `fn` (a readout-based analysis) in float64: its `dtype=` argument where it has one,
+    else on a float64 copy of the model. Returns `(model, kwargs, readout dtype)`."""
+    if "dtype" in inspect.signature(fn).parameters:
+        return model, {"dtype": torch.float64}, torch.float64
+    if next(model.parameters()).dtype == torch.float64:
+        return model, {}, torch.float32  # the readout casts to float32 without a dtype argument
+    return copy.deepcopy(model).to(torch.float64), {}, torch.float32
 
 
-def write_html(report: Report, out_dir: str | Path) -> Path:
-    """Write `report.html` (figures embedded) and one PNG per figure into `out_dir`.
+def _knockout(model: HookedLlava, inputs: LlavaInputs, report: Report, flows: list[str]) -> None:
+    from .knockout import knockout_sweep, summarize_knockout
+    from .plot_flows import plot_knockout
+
+    sweep = knockout_sweep(model, inputs, flows, answer=report.answer_id, progress=False)
+    if "delta_log_prob" not in sweep:
+        sweep["delta_log_prob"] = np.log(sweep.p_blocked.astype(float)) - np.log(sweep.p_base.astype(float))
+    report.tables["knockout_sweep"] = sweep
+    strongest = sweep.loc[sweep.delta_log_prob.abs().groupby(sweep.flow, sort=False).idxmax()]
+    report.tables["knockout"] = pd.DataFrame(
+        {
+            "flow": strongest.flow,
+            "strongest layer": strongest.layer,
+            "Δ log p(answer) (nats)": strongest.delta_log_prob,
+            "relative change (%)": strongest.rel_change,
+            "p(answer) after knockout": strongest.p_blocked,
+        }
+    )
+    fig = Figure(figsize=(10.0, 3.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    plot_knockout(summarize_knockout(sweep, "delta_log_prob"), ax=left, ylabel="change in log p(answer) (nats)")
+    plot_knockout(summarize_knockout(sweep), ax=right, ylabel="relative change in p(answer) (%)")
+    right.get_legend().remove()
+    fig.suptitle("attention knockout: blocking each flow in a window of layers")
+    report.figures["knockout"] = fig
+    best = strongest.iloc[int(strongest.delta_log_prob.abs().argmax())]
+    report.notes["knockout"] = (
+        f"The largest effect: blocking {best.flow} around layer {int(best.layer)} changes log p(answer) by "
+        f"{best.delta_log_prob:+.3f} nats (p {best.p_base:.3f} → {best.p_blocked:.3f}, {best.rel_change:+.1f} %)."
+    )
+
+
+def write_html(report: Report, out_dir: Any) -> Any:
+    """Write `report.html`, one PNG per figure and the tables as CSV (see `analyses.explain_html`).
 
     Example:
-        >>> path = write_html(explain(model, inputs[0], say=lambda msg: None), "report")
+        >>> path = write_html(explain(model, inputs, say=lambda msg: None), "report")
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pngs = {name: _png(fig) for name, fig in report.figures.items()}
-    for name, data in pngs.items():
-        (out / f"{name}.png").write_bytes(data)
-    table = lambda key: report.tables[key].to_html(index=False, float_format=lambda v: f"{v:.4g}")  # noqa: E731
-    lens = report.tables["logit_lens"]
-    body = [
-        f'<section id="answer"><h2>Answer</h2><p class="question">Q: {html.escape(report.question)}</p>'
-        f'<p class="answer">A: <b>{html.escape(report.answer)}</b> with probability '
-        f"{report.probability:.3f}</p></section>",
-        '<section id="logit-lens"><h2>Where the answer forms (logit lens, last position)</h2>'
-        + _img("logit_lens_prob", pngs["logit_lens_prob"])
-        + _img("logit_lens_rank", pngs["logit_lens_rank"])
-        + f"<p>{len(lens)} readouts tracked.</p></section>",
-        '<section id="heads"><h2>Which heads write it (log-probability increase)</h2>'
-        + _img("head_scores", pngs["head_scores"])
-        + table("top_heads")
-        + "</section>",
-        '<section id="patches"><h2>Which image patches it comes from</h2>'
-        + _img("patches_tool", pngs["patches_tool"])
-        + _img("patches_attention", pngs["patches_attention"])
-        + "<p>Left: study A's patch tool (top head's per-position scores). Right: mean attention baseline.</p>"
-        "</section>",
-        '<section id="knockout"><h2>Which information flows it needs (attention knockout)</h2>'
-        + _img("knockout", pngs["knockout"])
-        + table("knockout")
-        + "</section>",
-        '<section id="embedding"><h2>Top image patches in vocabulary space</h2>' + table("embedding") + "</section>",
-    ]
-    timing = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings.items() if v)
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>hooked-llava explain</title><style>"
-        "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
-        "figure{display:inline-block;margin:.5em}img{max-width:520px}"
-        "table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:2px 6px}"
-        "</style></head><body><h1>hooked-llava explain</h1>"
-        + "".join(body)
-        + f"<footer><p>Computed in: {html.escape(timing)}</p></footer></body></html>"
-    )
-    path = out / "report.html"
-    path.write_text(page)
-    return path
+    from .explain_html import write_html as write
+
+    return write(report, out_dir)

@@ -1,8 +1,15 @@
-"""Study B's GQA task CSVs as sweep examples, validated row by row with errors that name the row."""
+"""Study B's GQA task CSVs as sweep examples, validated row by row with errors that name the row.
+
+A row with a missing image or a bad box raises `GQAFormatError`, or, when a `bad_rows` list is
+given, is skipped and listed there (the CLI's `--skip-bad-rows` writes them to errors.csv).
+Duplicate question ids are always refused.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -23,6 +30,32 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 class GQAFormatError(ValueError):
     """A GQA task CSV does not follow the study's format; the message names the file, line and row."""
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """A loader for an image file: calling it opens the image as RGB; sweeps key it by `path`'s bytes.
+
+    Example:
+        >>> image.save("img.png"); ImageFile(Path("img.png"))().size == image.size
+        True
+    """
+
+    path: Path
+
+    def __call__(self) -> Any:
+        from PIL import Image
+
+        with Image.open(self.path) as image:
+            return image.convert("RGB")
+
+
+def _check_unique(frame: pd.DataFrame, csv_path: Path) -> None:
+    lines = frame.groupby(frame["question_id"].astype(str), sort=False).indices
+    dup = {qid: [int(i) + 2 for i in rows] for qid, rows in lines.items() if len(rows) > 1}
+    if dup:
+        where = "; ".join(f"question_id {qid} on lines {rows}" for qid, rows in dup.items())
+        raise GQAFormatError(f"{csv_path}: duplicate question ids ({where}); each question must appear once.")
 
 
 def _image_path(image_dir: Path, img_id: str) -> Path | None:
@@ -50,9 +83,22 @@ def _box(row: pd.Series, where: str) -> tuple[float, float, float, float]:
     return (x, y, x + w, y + h)
 
 
-def read_gqa(csv_path: str | Path, image_dir: str | Path) -> pd.DataFrame:
-    """Read and validate a task CSV: known columns, the required ones present, and per row an
-    existing image and a valid box. Errors name the file, the line and the question id.
+def _check_row(row: pd.Series, image_dir: Path, where: str) -> tuple[Path, tuple[float, float, float, float]]:
+    path = _image_path(image_dir, str(row["img_id"]))
+    if path is None:
+        raise GQAFormatError(f"{where}: image {row['img_id']} not found in {image_dir} ({'/'.join(IMAGE_SUFFIXES)}).")
+    return path, _box(row, where)
+
+
+def read_gqa(csv_path: str | Path, image_dir: str | Path, bad_rows: list[dict[str, str]] | None = None) -> pd.DataFrame:
+    """Read and validate a task CSV: known columns, the required ones present, unique question ids,
+    and per row an existing image and a valid box. Errors name the file, the line and the question id.
+
+    Args:
+        csv_path: the task CSV.
+        image_dir: the folder of its images (`{img_id}.jpg`, `.jpeg` or `.png`).
+        bad_rows: None: a bad row raises `GQAFormatError`. A list: bad rows are left out and appended
+            to it as {"id": question id, "origin": file and line, "error": the message}.
 
     Example:
         >>> row = {"question_id": "q1", "img_id": "img0", "question": "Is the circle red or blue?", "answer": "red",
@@ -69,40 +115,45 @@ def read_gqa(csv_path: str | Path, image_dir: str | Path) -> pd.DataFrame:
     missing = [c for c in REQUIRED if c not in frame.columns]
     if missing:
         raise GQAFormatError(f"{csv_path}, line 1 (header): missing required column(s) {missing}.")
-    paths, boxes = [], []
-    for line, row in iter_rows(frame):
-        where = f"{csv_path}, line {line} (question_id {row['question_id']})"
-        path = _image_path(image_dir, str(row["img_id"]))
-        if path is None:
-            raise GQAFormatError(
-                f"{where}: image {row['img_id']} not found in {image_dir} ({'/'.join(IMAGE_SUFFIXES)})."
-            )
-        paths.append(path)
-        boxes.append(_box(row, where))
-    return frame.assign(image_path=paths, box=boxes)
+    _check_unique(frame, csv_path)
+    keep, paths, boxes, origins = [], [], [], []
+    for i, (line, row) in enumerate(iter_rows(frame)):
+        origin = f"{csv_path}, line {line} (question_id {row['question_id']})"
+        try:
+            path, box = _check_row(row, image_dir, origin)
+        except GQAFormatError as err:
+            if bad_rows is None:
+                raise
+            bad_rows.append({"id": str(row["question_id"]), "origin": origin, "error": str(err)})
+            continue
+        keep.append(i), paths.append(path), boxes.append(box), origins.append(origin)
+    return frame.iloc[keep].assign(image_path=paths, box=boxes, origin=origins)
 
 
 def gqa_examples(
-    csv_path: str | Path, image_dir: str | Path, category: str | None = None, template: str = STUDY_B_TEMPLATE
+    csv_path: str | Path,
+    image_dir: str | Path,
+    category: str | None = None,
+    template: str = STUDY_B_TEMPLATE,
+    bad_rows: list[dict[str, str]] | None = None,
 ) -> list[SweepExample]:
     """Sweep examples from a task CSV; the category defaults to the file name's last `_` part.
+    Each example's `origin` names the file, line and question id; `bad_rows` is as in `read_gqa`.
 
     Example:
         >>> gqa_examples("GQA_task_ChooseAttr.csv", "imgs")[0].id  # 'ChooseAttr-q1' (see `read_gqa`)
     """
-    from PIL import Image
-
-    frame = read_gqa(csv_path, image_dir)
+    frame = read_gqa(csv_path, image_dir, bad_rows)
     category = category or Path(csv_path).stem.split("_")[-1]
-    loader = lambda path: lambda: Image.open(path).convert("RGB")  # noqa: E731
     return [
         SweepExample(
             f"{category}-{row.question_id}",
             category,
             template.format(question=row.question),
             str(row.answer),
-            loader(row.image_path),
+            ImageFile(row.image_path),
             [row.box],
+            row.origin,
         )
         for row in frame.itertuples()
     ]

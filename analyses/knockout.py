@@ -30,6 +30,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_llava import HookedLlava, LlavaInputs
+from hooked_llava.geometry import BoxRule, related_mask
+
+from . import ranges
 
 Positions = str | Sequence[int] | Tensor
 FlowSpec = str | tuple[Positions, Positions]
@@ -43,7 +46,7 @@ FLOWS: dict[str, tuple[str, str]] = {
     "other->question": ("other_image", "question"),
 }
 _ROLE_ALIASES = {"other": "other_image", "related_image": "related"}
-COLUMNS = ["flow", "layer", "example", "p_base", "p_blocked", "rel_change"]
+COLUMNS = ["flow", "layer", "example", "p_base", "p_blocked", "rel_change", "delta_log_prob"]
 
 
 def block_scores(
@@ -83,28 +86,45 @@ def knockout(
         model: the model.
         inputs: the prepared batch.
         source: key positions, a role ("image", "question", "last", "text", "related",
-            "other_image", ...) or explicit positions.
+            "other_image", ...) or explicit positions (negative ones count from the end; positions
+            outside the sequence raise).
         target: query positions, same forms.
-        layers: a layer or the layers to block in; the causal mask stays everywhere.
+        layers: a layer or the layers to block in, in `0..n_layers-1` (negative ones count from
+            the end); the causal mask stays everywhere.
 
     Example:
         >>> logits = knockout(model, inputs, "image", "last", layers=range(0, 2))
     """
-    hook = partial(block_scores, target=inputs.as_mask(target), source=inputs.as_mask(source))
+    hook = partial(block_scores, target=flow_mask(inputs, target), source=flow_mask(inputs, source))
     hooks = [(f"blocks.{layer}.attn.hook_attn_scores", hook) for layer in _layers(model, layers)]
     return model.run_with_hooks(inputs, fwd_hooks=hooks)
 
 
 def window_layers(layer: int, n_layers: int, window: int = 9) -> range:
-    """Layers blocked for plotted `layer`: `max(0, l - before) ... min(L - 1, l + after)`.
-
-    For an odd window, before = after = window // 2 (9 gives l-4 ... l+4).
+    """Layers blocked for plotted `layer`, placed as study B's code places them (METHODS.md §3):
+    `range(max(0, l - w // 2), min(L, l - (-w // 2)))`, i.e. `w // 2` layers before `l` and
+    `w - 1 - w // 2` after (9 gives l-4 ... l+4; an even 4 gives l-2 ... l+1), clipped at the ends.
 
     Example:
         >>> list(window_layers(0, 32))  # [0, 1, 2, 3, 4]
     """
-    before = (window - 1) // 2
-    return range(max(0, layer - before), min(n_layers - 1, layer + window // 2) + 1)
+    layer = ranges.index(layer, n_layers, "layer")
+    window = ranges.count(window, "window")
+    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
+
+
+def flow_mask(inputs: LlavaInputs, where: Positions, box_rule: BoxRule = "exclusive") -> Tensor:
+    """`inputs.as_mask` with explicit positions range-checked, and the "related" / "other_image"
+    roles built with `box_rule` (see `hooked_llava.geometry.box_to_patches`).
+
+    Example:
+        >>> flow_mask(inputs, "related", box_rule="pil")  # the study's one-pixel-wider boxes
+    """
+    where = ranges.positions(inputs, where)
+    if isinstance(where, str) and _ROLE_ALIASES.get(where, where) in ("related", "other_image"):
+        related = related_mask(inputs, box_rule)
+        return related if _ROLE_ALIASES.get(where, where) == "related" else inputs.image_mask & ~related
+    return inputs.as_mask(where)
 
 
 def resolve_flows(flows: FlowSpec | Sequence[FlowSpec] | Mapping[str, tuple] | None) -> dict[str, tuple]:
@@ -136,11 +156,7 @@ def resolve_flows(flows: FlowSpec | Sequence[FlowSpec] | Mapping[str, tuple] | N
 
 
 def _layers(model: HookedLlava, layers: int | Sequence[int]) -> list[int]:
-    layers = [layers] if isinstance(layers, int) else [int(layer) for layer in layers]
-    bad = [layer for layer in layers if not 0 <= layer < model.cfg.n_layers]
-    if bad:
-        raise ValueError(f"layers {bad} out of range: the model has layers 0..{model.cfg.n_layers - 1}.")
-    return layers
+    return ranges.indices(layers, model.cfg.n_layers, "layer")
 
 
 def _answer_ids(model: HookedLlava, answer: Any, n: int, greedy: Int[Tensor, " batch"]) -> Int[Tensor, " batch"]:
@@ -150,7 +166,7 @@ def _answer_ids(model: HookedLlava, answer: Any, n: int, greedy: Int[Tensor, " b
         return greedy
     if isinstance(answer, (int, str)) or (isinstance(answer, Tensor) and answer.ndim == 0):
         answer = [answer] * n
-    ids = [model.to_single_token(a) if isinstance(a, str) else int(a) for a in answer]
+    ids = [model.to_single_token(a) if isinstance(a, str) else ranges.token_id(a, model.cfg.d_vocab) for a in answer]
     if len(ids) != n:
         raise ValueError(f"answer gives {len(ids)} tokens for {n} examples; give one per example or one for all.")
     return torch.tensor(ids, device=greedy.device)
@@ -174,12 +190,16 @@ def knockout_sweep(
     answer: Any = None,
     batch_size: int = 16,
     progress: bool = True,
+    box_rule: BoxRule = "exclusive",
 ) -> pd.DataFrame:
     """The study's knockout sweep: for every flow, plotted layer and example, the answer probability.
 
-    For plotted layer l the flow is blocked in `window_layers(l, L, window)`; `p` is the fp32
-    softmax probability of the answer token at the last position and `rel_change` is
-    `(p_blocked - p_base) / p_base * 100`. The study keeps only examples the model answers
+    For plotted layer l the flow is blocked in `window_layers(l, L, window)`; `p` is the
+    softmax probability of the answer token at the last position (in float32, or the model's
+    precision if higher) and `rel_change` is the study's `(p_blocked - p_base) / p_base * 100`.
+    `delta_log_prob` is the same change in nats, `log p_blocked - log p_base`, taken from the
+    log-softmax (not the log of rounded probabilities), so it still shows effects on confident
+    answers where `rel_change` saturates. The study keeps only examples the model answers
     correctly: filter `inputs` first.
 
     Args:
@@ -188,19 +208,24 @@ def knockout_sweep(
         flows: names ("question->last", "image->last", "image->question", "last->last",
             "related->question", "other->question", any "role->role"), (source, target) pairs
             of roles/positions, or a {label: (source, target)} mapping. Default: all six.
-        window: consecutive layers blocked per plotted layer (clipped at the ends).
+        window: consecutive layers blocked per plotted layer, 1 or more (placed as in
+            `window_layers`, clipped at the ends).
         answer: the token explained: None (the unblocked greedy token), an id or a one-token
             string, or one of those per example.
         batch_size: configurations per forward pass (and examples per base pass).
         progress: show a tqdm bar over the configurations.
+        box_rule: how the "related"/"other" flows turn boxes into patches: "exclusive"
+            (default: `x1`, `y1` exclusive) or "pil" (the study's code, one pixel wider).
 
     Returns:
-        Tidy DataFrame with columns flow, layer, example, p_base, p_blocked, rel_change.
+        Tidy DataFrame with columns flow, layer, example, p_base, p_blocked, rel_change
+        (percent), delta_log_prob (nats).
 
     Example:
         >>> df = knockout_sweep(model, inputs, ["question->last", "image->last"])
     """
     flows, n_layers, frames = resolve_flows(flows), model.cfg.n_layers, []
+    window, batch_size = ranges.count(window, "window"), ranges.count(batch_size, "batch_size")
     inputs = inputs.to(next(model.parameters()).device)
     plan = [_Config(w.start, w.stop, f, layer) for f in flows for layer in range(n_layers)
             for w in [window_layers(layer, n_layers, window)]]  # fmt: skip
@@ -209,7 +234,7 @@ def knockout_sweep(
         for first in range(0, len(inputs), batch_size):
             rows = list(range(first, min(first + batch_size, len(inputs))))
             wanted = answer[first : rows[-1] + 1] if per_row else answer
-            part = _sweep_rows(model, inputs[rows], flows, plan, wanted, batch_size, bar)
+            part = _sweep_rows(model, inputs[rows], flows, plan, wanted, batch_size, bar, box_rule)
             frames.append(part.assign(example=part.example + first))
     df = pd.concat(frames, ignore_index=True)
     order = df.flow.map(list(flows).index)
@@ -217,7 +242,7 @@ def knockout_sweep(
 
 
 def _sweep_rows(model: HookedLlava, inputs: LlavaInputs, flows: dict, plan: list[_Config], answer: Any,
-                batch_size: int, bar: Any) -> pd.DataFrame:  # fmt: skip
+                batch_size: int, bar: Any, box_rule: BoxRule) -> pd.DataFrame:  # fmt: skip
     """The sweep for a group of examples: one base pass, then every configuration in row batches."""
     names = [f"blocks.{s}.hook_resid_pre" for s in sorted({c.start for c in plan})]
     names += [f"blocks.{layer}.attn.{h}" for layer in range(model.cfg.n_layers) for h in ("hook_rot_k", "hook_v")]
@@ -225,18 +250,20 @@ def _sweep_rows(model: HookedLlava, inputs: LlavaInputs, flows: dict, plan: list
     last = final[torch.arange(len(inputs)), inputs.last]
     base = model.unembed(model.ln_final(last[:, None]))[:, 0]
     ids = _answer_ids(model, answer, len(inputs), base.argmax(-1))
-    masks = {label: (inputs.as_mask(tgt), inputs.as_mask(src)) for label, (src, tgt) in flows.items()}
+    masks = {label: (flow_mask(inputs, t, box_rule), flow_mask(inputs, s, box_rule)) for label, (s, t) in flows.items()}
     _warn_empty(masks)
     todo = sorted(c._replace(example=e) for c in plan for e in range(len(inputs)))
-    p_blocked = []
+    blocked = []
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
-        p_blocked.append(_prob(_run_chunk(model, inputs, cache, masks, chunk), ids[[c.example for c in chunk]]))
+        blocked.append(_log_prob(_run_chunk(model, inputs, cache, masks, chunk), ids[[c.example for c in chunk]]))
         bar.update(len(chunk))
     df = pd.DataFrame(todo, columns=list(_Config._fields)).drop(columns=["start", "stop"])
-    df["p_base"] = _prob(base, ids).cpu().numpy()[df.example.to_numpy()]
-    df["p_blocked"] = torch.cat(p_blocked).cpu().numpy()
-    return df.assign(rel_change=(df.p_blocked - df.p_base) / df.p_base * 100)
+    log_base = _log_prob(base, ids).cpu()[torch.tensor(df.example.tolist(), dtype=torch.long)]
+    log_blocked = torch.cat(blocked).cpu()
+    df["p_base"], df["p_blocked"] = log_base.exp().numpy(), log_blocked.exp().numpy()
+    df["rel_change"] = (df.p_blocked - df.p_base) / df.p_base * 100
+    return df.assign(delta_log_prob=(log_blocked - log_base).numpy())
 
 
 def _run_chunk(model: HookedLlava, inputs: LlavaInputs, cache: Any, masks: dict[str, tuple],
@@ -274,8 +301,10 @@ def _joined_rows(scores: Tensor, hook: Any, target: Tensor, source: Tensor, acti
     return block_scores(scores, hook, target[:n], source[:n], active[:n])
 
 
-def _prob(logits: Tensor, ids: Tensor) -> Float[Tensor, " batch"]:
-    return logits.float().softmax(-1).gather(-1, ids.to(logits.device)[:, None])[:, 0]
+def _log_prob(logits: Tensor, ids: Tensor) -> Float[Tensor, " batch"]:
+    """`log p(ids)` from the log-softmax, in float32 or the logits' precision if higher."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return logits.to(dtype).log_softmax(-1).gather(-1, ids.to(logits.device)[:, None])[:, 0]
 
 
 def _warn_empty(masks: dict[str, tuple[Tensor, Tensor]]) -> None:
@@ -306,21 +335,82 @@ def t_quantile(p: float, df: int) -> float:
     return z + sum(term / df ** (k + 1) for k, term in enumerate(terms))
 
 
-def summarize_knockout(df: pd.DataFrame, value: str = "rel_change", confidence: float = 0.95) -> pd.DataFrame:
+MIN_N = 5  # fewer examples than this get no confidence interval: the t interval is too wide to read
+
+
+def _upper_bound(df: pd.DataFrame, value: str) -> pd.Series:
+    """Per row, the largest value the metric can take: a probability can at most rise to 1, so the
+    relative change is at most (1 − p_base) / p_base (in %), the log-probability change −log p_base."""
+    inf = pd.Series(math.inf, index=df.index)
+    if "p_base" not in df:
+        return inf
+    p = df["p_base"].astype(float)
+    if value in ("rel_change", "rel_change_pct"):
+        return (1 - p) / p * 100
+    if value == "delta_log_prob":
+        return -p.map(math.log)
+    return pd.Series(1.0, index=df.index) if value in ("p_base", "p_blocked") else inf
+
+
+def _lower_bound(value: str) -> float:
+    """The smallest value the metric can take: a relative change cannot go below −100 %."""
+    return {"rel_change": -100.0, "rel_change_pct": -100.0, "p_base": 0.0, "p_blocked": 0.0}.get(value, -math.inf)
+
+
+def _interval(df: pd.DataFrame, value: str, by: list[str], confidence: float, min_n: int) -> pd.DataFrame:
+    """Per group: n, mean and the Student-t interval, clipped to the metric's range (NaN for n < min_n)."""
+    frame = df[by].assign(v=df[value].astype(float), top=_upper_bound(df, value))
+    stats = frame.groupby(by, sort=False).agg(
+        n=("v", "count"), mean=("v", "mean"), sem=("v", "sem"), top=("top", "mean")
+    )
+    quantile = [t_quantile((1 + confidence) / 2, int(n) - 1) if n >= max(min_n, 2) else math.nan for n in stats["n"]]
+    half = stats["sem"] * quantile
+    low = (stats["mean"] - half).clip(lower=_lower_bound(value))
+    high = (stats["mean"] + half).clip(upper=stats["top"])
+    return stats[["n", "mean"]].assign(ci_low=low, ci_high=high).reset_index()
+
+
+def summarize_knockout(
+    df: pd.DataFrame,
+    value: str | Sequence[str] | None = None,
+    confidence: float = 0.95,
+    by: Sequence[str] = ("flow", "layer"),
+    min_n: int = MIN_N,
+) -> pd.DataFrame:
     """Per flow and layer: mean of `value` over examples with a Student-t confidence interval.
 
+    The interval stays within what the metric can take: a relative change is at least −100 % and at
+    most the mean of (1 − p_base) / p_base × 100; a log-probability change (nats) at most the mean of
+    −log p_base (the upper bounds need a `p_base` column). With fewer than `min_n` examples (default
+    5) the interval is NaN: at n = 2 a 95% t interval is ±12.7 standard errors, too wide to read.
+
+    Args:
+        df: `knockout_sweep` output (or a sweep's knockout table), one row per example, flow and layer.
+        value: the column to summarise (default `rel_change`, or `rel_change_pct` when that is the one
+            present); a list of columns gives `{value}_mean`, `{value}_ci_low`, `{value}_ci_high` for each.
+        confidence: the interval's coverage.
+        by: the grouping columns.
+        min_n: the fewest examples that get an interval.
+
     Returns:
-        Tidy DataFrame with columns flow, layer, n, mean, ci_low, ci_high (the interval is
-        NaN when n = 1).
+        Tidy DataFrame with columns `by`, n, mean, ci_low, ci_high (for one value) or `by`, n and
+        the prefixed columns of each value (for a list); n counts the examples with a value.
 
     Example:
         >>> summarize_knockout(knockout_sweep(model, inputs, "image->last"))
     """
-    grouped = df.groupby(["flow", "layer"], sort=False)[value]
-    out = grouped.agg(n="count", mean="mean", sem="sem").reset_index()
-    half = [
-        t_quantile((1 + confidence) / 2, int(n) - 1) * sem if n > 1 else float("nan")
-        for n, sem in zip(out["n"], out["sem"], strict=True)
-    ]
-    out["ci_low"], out["ci_high"] = out["mean"] - half, out["mean"] + half
-    return out.drop(columns="sem")
+    names = [value] if isinstance(value, str) else list(value) if value is not None else [_default_value(df)]
+    missing = [c for c in [*by, *names] if c not in df.columns]
+    if missing:
+        raise ValueError(f"summarize_knockout: no column(s) {missing} in the table (it has {list(df.columns)}).")
+    parts = [_interval(df, name, list(by), confidence, min_n) for name in names]
+    if isinstance(value, str) or value is None:
+        return parts[0]
+    out = parts[0][[*by, "n"]]
+    for name, part in zip(names, parts, strict=True):
+        out = out.assign(**{f"{name}_{k}": part[k].to_numpy() for k in ("mean", "ci_low", "ci_high")})
+    return out
+
+
+def _default_value(df: pd.DataFrame) -> str:
+    return "rel_change_pct" if "rel_change_pct" in df and "rel_change" not in df else "rel_change"

@@ -24,6 +24,8 @@ from torch import Tensor
 
 from hooked_llava import HookedLlava, LlavaInputs
 
+from . import ranges
+
 Positions = str | Sequence[int] | Tensor
 Words = str | Sequence[str] | Sequence[Sequence[str]]
 
@@ -36,6 +38,7 @@ def lens_positions(inputs: LlavaInputs, positions: Positions = "last") -> Int[Te
         positions: a role ("image", "question", "last", "text", "related", ...), a list of
             positions shared by every row (negative indices count from the end), an int
             tensor `[batch, n_pos]` of per-row positions, or a bool mask `[batch, pos]`.
+            Positions outside the sequence raise an error naming the valid range.
 
     Returns:
         `[batch, n_pos]` indices into the sequence. Rows must have the same number of positions
@@ -45,21 +48,20 @@ def lens_positions(inputs: LlavaInputs, positions: Positions = "last") -> Int[Te
     Example:
         >>> lens_positions(inputs, "image").shape  # [batch, tokens_per_image]
     """
-    seq, device = inputs.input_ids.shape[1], inputs.input_ids.device
+    device, given = inputs.input_ids.device, positions
+    positions = ranges.positions(inputs, positions)
     if isinstance(positions, Tensor) and positions.dtype == torch.bool:
         rows = [row.nonzero()[:, 0] for row in positions.to(device).expand_as(inputs.input_ids)]
-    elif isinstance(positions, Tensor) and positions.ndim == 2:
-        return positions.long().to(device) % seq
-    elif isinstance(positions, str):
-        rows = inputs.positions(positions)
+    elif isinstance(positions, Tensor):
+        return positions
     else:
-        rows = [p % seq for p in inputs.positions(positions if isinstance(positions, Tensor) else list(positions))]
+        rows = inputs.positions(positions)
     counts = sorted({len(r) for r in rows})
     if counts == [0]:
-        raise ValueError(f"no positions selected by {positions!r} in any row.")
+        raise ValueError(f"no positions selected by {given!r} in any row.")
     if len(counts) > 1:
         raise ValueError(
-            f"{positions!r} selects a different number of positions per row ({counts}); "
+            f"{given!r} selects a different number of positions per row ({counts}); "
             "analyse the rows one at a time (inputs[i]) or pass an explicit [batch, n_pos] tensor."
         )
     return torch.stack(rows)
@@ -130,7 +132,7 @@ def read_out(
 
 def _layer_list(model: HookedLlava, layers: Sequence[int] | None) -> list[int]:
     n = model.cfg.n_layers
-    return list(range(n + 1)) if layers is None else [int(layer) % (n + 1) for layer in layers]
+    return list(range(n + 1)) if layers is None else ranges.indices(layers, n + 1, "layer")
 
 
 def residual_stack(
@@ -164,7 +166,8 @@ def logit_lens(
         positions: a role, a list of positions, a `[batch, n_pos]` tensor or a bool mask (see
             `lens_positions`); every row must select the same number of positions.
         layers: which readouts, in `0..n_layers`: layer `l < n_layers` is `resid_pre[l]`, layer
-            `n_layers` (or -1) the final `resid_post`. Default: all `n_layers + 1`.
+            `n_layers` (or -1) the final `resid_post`; negative layers count from the end, and
+            layers outside `-(n_layers + 1)..n_layers` raise. Default: all `n_layers + 1`.
         normalize: apply the final RMSNorm (with its weight) before `W_U`: the standard logit
             lens. `False` reads raw residuals through `W_U`, as study B's code does.
 
@@ -201,7 +204,7 @@ def top_k_table(
     Args:
         model: the model (for decoding tokens).
         lens: output of `logit_lens`.
-        k: tokens per readout.
+        k: tokens per readout, in `1..d_vocab`.
         layers: labels of the readouts (the `layers` given to `logit_lens`); default `0..`.
         positions: sequence positions to label rows with (`lens_positions(inputs, ...)`);
             default the index into `n_pos`.
@@ -214,7 +217,7 @@ def top_k_table(
         >>> top_k_table(model, lens, k=5, positions=lens_positions(inputs, "image"))
     """
     layer_ids, pos = _labels(model, lens, layers, positions)
-    logits, ids = lens.float().topk(k, dim=-1)
+    logits, ids = lens.float().topk(ranges.count(k, "k", 1, lens.shape[-1]), dim=-1)
     probs = lens.float().softmax(-1).gather(-1, ids)
     index = torch.cartesian_prod(*(torch.arange(n) for n in ids.shape))
     flat_ids = ids.flatten().cpu()
@@ -235,20 +238,26 @@ def top_k_table(
 def word_forms(model: HookedLlava, word: str) -> dict[str, int]:
     """Single-token forms of a word: lowercase and capitalised, bare and with a leading space.
 
-    Forms that are not a single token are skipped; forms mapping to the same id are kept once.
+    Forms that are not a single token (or are unknown to the vocabulary) are skipped; forms
+    mapping to the same id are kept once. A word with no single-token form at all raises a
+    ValueError naming it (with the vocabulary's closest words when it is unknown).
 
     Example:
         >>> word_forms(model, "red")  # e.g. {"red": 21} when "Red" is not a single token
     """
     forms: dict[str, int] = {}
+    errors: list[ValueError] = []
     for base in dict.fromkeys([word.lower(), word[:1].upper() + word[1:].lower()]):
         for form in (base, " " + base):
             try:
                 token = model.to_single_token(form)
-            except ValueError:
+            except ValueError as error:
+                errors.append(error)
                 continue
-            if token not in forms.values() and token != model.tokenizer.unk_token_id:
+            if token not in forms.values():
                 forms[form] = token
+    if not forms:
+        raise ValueError(f"no form of {word!r} is a single token: {errors[0]}")
     return forms
 
 

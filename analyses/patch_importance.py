@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from hooked_llava import HookedLlava, LlavaInputs
 
+from . import ranges
 from .attribution import (
     FrozenReadout,
     Target,
@@ -89,13 +90,13 @@ def _normalise(scores: Float[Tensor, "batch cell"]) -> Float[Tensor, "batch cell
 def _choose_heads(
     head_scores: Tensor, heads: Sequence[tuple[int, int]] | None, n_heads: int
 ) -> list[list[tuple[int, int]]]:
-    if (heads is not None and not heads) or (heads is None and n_heads < 1):
-        raise ValueError(
-            "the log_prob_increase map needs at least one head: give heads=[(layer, head)] or n_top_heads >= 1."
-        )
+    if heads is not None and not heads:
+        raise ValueError("the log_prob_increase map needs at least one head: give heads=[(layer, head)].")
+    n_layers, n = head_scores.shape[1:]
     if heads is not None:
-        return [[(int(lay), int(h)) for lay, h in heads]] * head_scores.shape[0]
-    n = head_scores.shape[2]
+        checked = [(ranges.index(lay, n_layers, "layer"), ranges.index(h, n, "head")) for lay, h in heads]
+        return [checked] * head_scores.shape[0]
+    n_heads = ranges.count(n_heads, "n_top_heads", 1, n_layers * n)
     top = head_scores.flatten(1).topk(n_heads, dim=1).indices.tolist()
     return [[(i // n, i % n) for i in row] for row in top]
 
@@ -113,16 +114,21 @@ def _slot_scores(
 
 
 def _lpi_map(
-    model: HookedLlava, inputs: LlavaInputs, heads: Sequence[tuple[int, int]] | None, n_heads: int, target: Target
+    model: HookedLlava,
+    inputs: LlavaInputs,
+    heads: Sequence[tuple[int, int]] | None,
+    n_heads: int,
+    target: Target,
+    dtype: torch.dtype | None,
 ) -> Tensor:
     """One forward pass: head scores, then position scores inside the chosen head(s)."""
     n, cells = model.cfg.n_layers, grid_positions(inputs)
-    layers = range(n) if heads is None else sorted({int(layer) for layer, _ in heads})
+    layers = range(n) if heads is None else sorted({ranges.index(layer, n, "layer") for layer, _ in heads})
     extra = {f"blocks.{i}.attn.hook_v": (lambda a: a) for i in layers}
     extra.update({f"blocks.{i}.attn.hook_pattern": last_query(inputs) for i in layers})
     names = [f"blocks.{i}.{h}" for i in range(n) for h in ("hook_resid_pre", "attn.hook_z")]
     acts = run_at_last(model, inputs, names, extra)
-    readout = FrozenReadout(model, acts[f"blocks.{n - 1}.hook_resid_post"], target)
+    readout = FrozenReadout(model, acts[f"blocks.{n - 1}.hook_resid_post"], target, dtype=dtype)
     x = stack_layers(acts, "blocks.{}.hook_resid_pre", n)  # [batch, layer, d_model]
     head_scores = readout.score(x[:, :, None], head_vectors(model, stack_layers(acts, "blocks.{}.attn.hook_z", n)))
     chosen = _choose_heads(head_scores, heads, n_heads)  # per row: a list of (layer, head)
@@ -150,12 +156,15 @@ def _baselines(inputs: LlavaInputs, embeds: Tensor, baseline: Baseline) -> Float
 
 
 def _last_log_probs(
-    model: HookedLlava, inputs: LlavaInputs, x: Tensor, y: Tensor | None, target: Target
+    model: HookedLlava, inputs: LlavaInputs, x: Tensor, y: Tensor | None, target: Target, dtype: torch.dtype | None
 ) -> tuple[Tensor, Tensor]:
-    """`log P(y)` at each row's last position, running the blocks from the layer-0 residual `x`."""
+    """`log P(y)` at each row's last position, running the blocks from the layer-0 residual `x`; the
+    log-softmax in `dtype` (default: the model's precision, at least float32)."""
     resid = model(inputs, start_at_layer=0, residual=x, stop_at_layer=model.cfg.n_layers)
     last = inputs.last.to(resid.device)
-    log_probs = read_out(model, resid[torch.arange(len(inputs), device=resid.device), last]).float().log_softmax(-1)
+    logits = read_out(model, resid[torch.arange(len(inputs), device=resid.device), last])
+    dtype = torch.promote_types(logits.dtype, torch.float32) if dtype is None else dtype
+    log_probs = logits.to(dtype).log_softmax(-1)
     y = resolve_targets(model, target, log_probs) if y is None else y
     return log_probs.gather(1, y[:, None])[:, 0], y
 
@@ -170,6 +179,7 @@ def occluded_log_probs(
     target: Target = None,
     batch_size: int = 16,
     progress: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Float[Tensor, " job"], Float[Tensor, " batch"]]:
     """Answer log-probabilities with the embeddings at `masks[j]` of row `rows[j]` replaced.
 
@@ -183,6 +193,7 @@ def occluded_log_probs(
         baseline: "mean" (the row's mean projected image feature), "zeros", or a `[d_model]` vector.
         target: the answer token (default: the model's top-1 prediction on the clean input).
         batch_size, progress: jobs per forward pass; show a tqdm bar.
+        dtype: precision of the log-softmax (default: the model's, at least float32).
 
     Returns:
         `(occluded, clean)`: `log P(y)` at the last position for each job, and for each clean row.
@@ -193,24 +204,30 @@ def occluded_log_probs(
     inputs = model.as_inputs(inputs)  # validated and on the model's device, as `embed_inputs` needs
     embeds = model.embed_inputs(inputs)
     base = _baselines(inputs, embeds, baseline)
-    clean, y = _last_log_probs(model, inputs, embeds, None, target)
-    out = [clean.new_zeros(0)]
+    clean, y = _last_log_probs(model, inputs, embeds, None, target, dtype)
+    out, batch_size = [clean.new_zeros(0)], ranges.count(batch_size, "batch_size")
     for s in tqdm(range(0, len(rows), batch_size), desc="occlusion", disable=not progress):
         r, m = rows[s : s + batch_size].to(embeds.device), masks[s : s + batch_size, :, None].to(embeds.device)
         x = torch.where(m, base[r][:, None], embeds[r])
         chunk = inputs[rows[s : s + batch_size]]
-        out.append(_last_log_probs(model, chunk, x, y[r], None)[0])
+        out.append(_last_log_probs(model, chunk, x, y[r], None, dtype)[0])
     return torch.cat(out), clean
 
 
 def _occlusion_map(
-    model: HookedLlava, inputs: LlavaInputs, target: Target, baseline: Baseline, batch_size: int, progress: bool
+    model: HookedLlava,
+    inputs: LlavaInputs,
+    target: Target,
+    baseline: Baseline,
+    batch_size: int,
+    progress: bool,
+    dtype: torch.dtype | None,
 ) -> Tensor:
     cells = grid_positions(inputs)  # [batch, cell]
     rows = torch.arange(len(inputs), device=cells.device).repeat_interleave(cells.shape[1])
     masks = torch.zeros(len(rows), inputs.input_ids.shape[1], dtype=torch.bool, device=cells.device)
     masks[torch.arange(len(rows)), cells.flatten()] = True
-    occluded, clean = occluded_log_probs(model, inputs, rows, masks, baseline, target, batch_size, progress)
+    occluded, clean = occluded_log_probs(model, inputs, rows, masks, baseline, target, batch_size, progress, dtype)
     return (clean[rows] - occluded).reshape(len(inputs), inputs.grid_size, inputs.grid_size)
 
 
@@ -225,6 +242,7 @@ def patch_importance(
     baseline: Baseline = "mean",
     batch_size: int = 16,
     progress: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> Float[Tensor, "batch grid_h grid_w"]:
     """Importance of each image patch for the answer, on the patch grid (row-major).
 
@@ -242,20 +260,23 @@ def patch_importance(
         target: the answer token (default: the model's top-1 prediction at the last position).
         baseline: occlusion's replacement: "mean" (the row's mean image feature), "zeros", or a vector.
         batch_size, progress: occlusion's forward batch size and tqdm bar.
+        dtype: precision of the readouts of "log_prob_increase" and "occlusion" (see
+            `FrozenReadout`): default the model's, at least float32; `torch.float64` resolves
+            score differences below float32's ~1e-5 nats (e.g. on confident answers).
 
     Returns:
-        `[batch, grid_h, grid_w]`; larger means more important.
+        `[batch, grid_h, grid_w]`, in the readout's dtype; larger means more important.
 
     Example:
         >>> heat = patch_importance(model, inputs, "log_prob_increase")
         >>> heat[0].sum()  # tensor(1.)
     """
     if method == "log_prob_increase":
-        return _lpi_map(model, inputs, heads, n_top_heads, target)
+        return _lpi_map(model, inputs, heads, n_top_heads, target, dtype)
     if method == "attention":
         return _attention_map(model, inputs)
     if method == "occlusion":
-        return _occlusion_map(model, inputs, target, baseline, batch_size, progress)
+        return _occlusion_map(model, inputs, target, baseline, batch_size, progress, dtype)
     raise ValueError(f"unknown method {method!r}; use 'log_prob_increase', 'attention' or 'occlusion'.")
 
 
@@ -271,14 +292,15 @@ def faithfulness(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> pd.DataFrame:
     """How much the answer probability drops when each map's top-k patches are occluded together.
 
     Args:
         model, inputs: the model and the prepared batch (one image per row).
         maps: method name → `[batch, grid_h, grid_w]` map (e.g. from `patch_importance`).
-        k: number(s) of top patches to occlude.
-        baseline, target, batch_size, progress: as in `patch_importance(method="occlusion")`.
+        k: number(s) of top patches to occlude, each in `1..n_patches`.
+        baseline, target, batch_size, progress, dtype: as in `patch_importance(method="occlusion")`.
         random_control: add a "random" method occluding k patches drawn at random (one draw
             per row, shared across the values of k).
         seed: seed of the random control.
@@ -291,7 +313,8 @@ def faithfulness(
         >>> maps = {m: patch_importance(model, inputs, m) for m in ("log_prob_increase", "attention")}
         >>> faithfulness(model, inputs, maps, k=[1, 4]).groupby(["method", "k"])["prob_drop"].mean()
     """
-    cells, ks = grid_positions(inputs), [k] if isinstance(k, int) else list(k)
+    cells = grid_positions(inputs)
+    ks = [ranges.count(kk, "k", 1, cells.shape[1]) for kk in ([k] if isinstance(k, int) else k)]
     ranked = {name: m.flatten(1).to(cells.device).argsort(dim=1, descending=True) for name, m in maps.items()}
     if random_control:
         gen = torch.Generator().manual_seed(seed)
@@ -303,7 +326,7 @@ def faithfulness(
     for j, (name, kk, b) in enumerate(jobs):
         masks[j, cells[b, ranked[name][b, :kk]]] = True
     rows = torch.tensor([b for _, _, b in jobs], dtype=torch.long, device=cells.device)
-    occluded, clean = occluded_log_probs(model, inputs, rows, masks, baseline, target, batch_size, progress)
+    occluded, clean = occluded_log_probs(model, inputs, rows, masks, baseline, target, batch_size, progress, dtype)
     p_clean, p_occ = clean.exp()[rows].cpu(), occluded.exp().cpu()
     frame = pd.DataFrame(jobs, columns=["method", "k", "batch"])
     frame["p_clean"], frame["p_occluded"] = p_clean.numpy(), p_occ.numpy()

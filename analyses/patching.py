@@ -28,6 +28,8 @@ from transformer_lens import ActivationCache
 
 from hooked_llava import HookedLlava, LlavaInputs
 
+from . import ranges
+
 Positions = str | Sequence[int] | Tensor
 Metric = Callable[[Tensor], Tensor]
 Clean = LlavaInputs | ActivationCache | Mapping[str, Tensor]
@@ -42,7 +44,7 @@ def image_blocks(inputs: LlavaInputs, size: int = 2) -> dict[str, Bool[Tensor, "
     Example:
         >>> blocks = image_blocks(inputs, 2)  # a 4x4 grid gives 4 blocks: r0c0, r0c1, r1c0, r1c1
     """
-    rc = inputs.patch_rc()
+    rc, size = inputs.patch_rc(), ranges.count(size, "size", 1, inputs.grid_size)
     n = -(-inputs.grid_size // size)
     return {
         f"r{i}c{j}": (rc[..., 0] // size == i) & (rc[..., 1] // size == j) & (rc[..., 0] >= 0)
@@ -104,7 +106,10 @@ def _sweep(model: HookedLlava, axis: str, size: int | None, inputs: LlavaInputs,
            ) -> tuple[list[int], int]:  # fmt: skip
     """The indices to sweep and the length of the index axis."""
     if axis == "pos":
-        keep = torch.ones(inputs.shape[1], dtype=torch.bool) if positions is None else inputs.as_mask(positions).any(0)
+        if positions is None:
+            keep = torch.ones(inputs.shape[1], dtype=torch.bool)
+        else:
+            keep = inputs.as_mask(ranges.positions(inputs, positions)).any(0)
         return keep.nonzero()[:, 0].tolist(), inputs.shape[1]
     if positions is not None:
         raise ValueError(f"positions only restricts position sweeps, not a sweep over {axis}s.")
@@ -138,7 +143,8 @@ def generic_patch(
         setter: `(act[batch, ...], index, clean_act) → act`, copying one piece.
         axis: what the index counts: "pos", "head" or "group" (then `size` groups).
         layers: layers to sweep (default all); positions: positions to sweep on a "pos" axis,
-            a role or explicit positions (default all). Pieces not swept are NaN.
+            a role or explicit positions (default all). Pieces not swept are NaN. Negative
+            layers and positions count from the end; out-of-range ones raise.
         batch_size: pieces per forward pass (as batch rows).
         progress: show a tqdm bar.
 
@@ -148,7 +154,9 @@ def generic_patch(
     Example:
         >>> generic_patch(model, corrupted, clean, metric, activation="mlp_out", setter=_set_position, axis="pos")
     """
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    n_layers = model.cfg.n_layers
+    layers = list(range(n_layers)) if layers is None else ranges.indices(layers, n_layers, "layer")
+    batch_size = ranges.count(batch_size, "batch_size")
     (sweep, n_index), name = _sweep(model, axis, size, corrupted, positions), ACTIVATIONS[activation]
     if not sweep or not layers:
         raise ValueError("nothing to patch: the layers or positions selected are empty.")
@@ -215,7 +223,7 @@ def patch_groups(
     Example:
         >>> out = patch_groups(model, corrupted, clean, metric, {"image": "image", "question": "question"})
     """
-    masks = [corrupted.as_mask(g) for g in groups.values()]
+    masks = [corrupted.as_mask(ranges.positions(corrupted, g)) for g in groups.values()]
     setter = partial(_set_group, masks=masks)
     return generic_patch(
         model, corrupted, clean, metric, activation=activation, setter=setter, axis="group", size=len(masks), **kwargs

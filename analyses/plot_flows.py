@@ -25,13 +25,20 @@ def _axes(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure, Axes]:
     return fig, fig.add_subplot()
 
 
-def plot_knockout(summary: pd.DataFrame, ax: Axes | None = None, title: str | None = None) -> Figure:
-    """Knockout curves: mean relative change per layer, one line per flow, with its CI band.
+def plot_knockout(
+    summary: pd.DataFrame,
+    ax: Axes | None = None,
+    title: str | None = None,
+    ylabel: str = "change in answer probability (%)",
+) -> Figure:
+    """Knockout curves: mean change per layer, one line per flow, with its CI band where there is one.
 
     Args:
-        summary: `summarize_knockout` output (flow, layer, mean, ci_low, ci_high).
+        summary: `summarize_knockout` output (flow, layer, mean, ci_low, ci_high); the band is
+            drawn only where the interval is finite (not for n = 1).
         ax: draw into these axes instead of a new figure.
         title: the figure title.
+        ylabel: what `mean` measures (e.g. "change in log p(answer) (nats)" for `value="delta_log_prob"`).
 
     Example:
         >>> fig = plot_knockout(summarize_knockout(knockout_sweep(model, inputs)))
@@ -43,23 +50,30 @@ def plot_knockout(summary: pd.DataFrame, ax: Axes | None = None, title: str | No
     fig, ax = _axes(ax, (6.0, 3.5))
     for flow, rows in summary.groupby("flow", sort=False):
         rows = rows.sort_values("layer")
-        (line,) = ax.plot(rows["layer"], rows["mean"], label=str(flow))
-        ax.fill_between(rows["layer"], rows["ci_low"], rows["ci_high"], color=line.get_color(), alpha=0.2, lw=0)
+        (line,) = ax.plot(rows["layer"], rows["mean"], marker=".", label=str(flow))
+        if rows[["ci_low", "ci_high"]].notna().all(axis=None):
+            ax.fill_between(rows["layer"], rows["ci_low"], rows["ci_high"], color=line.get_color(), alpha=0.2, lw=0)
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set(xlabel="layer (centre of the knocked-out window)", ylabel="change in answer probability (%)", title=title)
+    ax.set(xlabel="layer (centre of the knocked-out window)", ylabel=ylabel, title=title)
     ax.legend(fontsize="small")
     return fig
 
 
 def _heatmap(
-    values: Tensor, ax: Axes | None, title: str | None, xlabel: str, ylabel: str, size: tuple[float, float]
+    values: Tensor,
+    ax: Axes | None,
+    title: str | None,
+    xlabel: str,
+    ylabel: str,
+    size: tuple[float, float],
+    label: str | None = None,
 ) -> tuple[Figure, Axes]:
     data = values.detach().float().cpu().numpy()
     fig, ax = _axes(ax, size)
     finite = data[~(data != data)]  # NaN marks pieces that were not swept
     bound = float(abs(finite).max()) if finite.size and abs(finite).max() > 0 else 1.0
     image = ax.imshow(data, cmap="RdBu", norm=TwoSlopeNorm(0.0, -bound, bound), aspect="auto", interpolation="nearest")
-    fig.colorbar(image, ax=ax)
+    fig.colorbar(image, ax=ax, label=label)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     return fig, ax
 
@@ -77,7 +91,7 @@ def plot_head_scan(
     """
     values = scores if baseline is None else scores - baseline
     label = "metric" if baseline is None else "metric - baseline"
-    fig, _ = _heatmap(values, ax, title or f"head ablation ({label})", "head", "layer", (5.0, 4.0))
+    fig, _ = _heatmap(values, ax, title or f"head ablation ({label})", "head", "layer", (5.0, 4.0), label=label)
     return fig
 
 
@@ -124,11 +138,14 @@ __all__ = ["plot_head_scan", "plot_knockout", "plot_patch_grid", "plot_patching"
 
 
 def plot_sweep(knockout: pd.DataFrame, title: str | None = None, columns: int = 3) -> Figure:
-    """The study's figure for a dataset sweep: one panel per category, mean relative change per
-    layer with its 95% interval, one line per flow.
+    """The study's figure for a dataset sweep: one panel per category, mean relative change (%) per
+    layer, one line per flow, with its 95% interval where a category has at least 5 examples
+    (`summarize_knockout`: the band stays within −100 % and what the probabilities allow; below 5
+    examples the panel title says "no interval").
 
     Args:
-        knockout: `run_sweep(...)["knockout"]` (needs a `category` column; `example` may be absent).
+        knockout: `run_sweep(...)["knockout"]` (needs a `category` column and `rel_change_pct`, or
+            `rel_change` as `knockout_sweep` names it).
         title: the figure title.
         columns: panels per row.
 
@@ -136,19 +153,19 @@ def plot_sweep(knockout: pd.DataFrame, title: str | None = None, columns: int = 
         >>> runs = knockout_sweep(model, inputs, ["image->last", "question->last"]).assign(category="demo")
         >>> plot_sweep(runs).savefig("sweep.png")  # usually run_sweep(...)["knockout"]
     """
-    from .knockout import summarize_knockout
+    from .knockout import MIN_N, summarize_knockout
 
     if not len(knockout):
         raise ValueError("nothing to plot: the sweep kept no correctly answered examples.")
+    value = "rel_change_pct" if "rel_change_pct" in knockout else "rel_change"
     categories = list(dict.fromkeys(knockout["category"]))
     rows = -(-len(categories) // columns)
     fig = Figure(figsize=(4.2 * min(columns, len(categories)), 3.0 * rows), layout="constrained")
-    frame = knockout.rename(columns={"id": "example"}) if "example" not in knockout else knockout
     for k, category in enumerate(categories):
         ax = fig.add_subplot(rows, min(columns, len(categories)), k + 1)
-        summary = summarize_knockout(frame[frame["category"] == category])
+        summary = summarize_knockout(knockout[knockout["category"] == category], value)
         n = int(summary["n"].max()) if len(summary) else 0
-        plot_knockout(summary, ax=ax, title=f"{category} (n={n})")
+        plot_knockout(summary, ax=ax, title=f"{category} (n={n}{'' if n >= MIN_N else ', no interval'})")
         if k:
             ax.get_legend().remove()
     if title:

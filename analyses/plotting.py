@@ -40,7 +40,12 @@ def _figure(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure, Axes]:
 
 
 def plot_logit_lens(
-    table: pd.DataFrame, value: str = "prob", batch: int = 0, position: int | None = None, ax: Axes | None = None
+    table: pd.DataFrame,
+    value: str = "prob",
+    batch: int = 0,
+    position: int | None = None,
+    ax: Axes | None = None,
+    title: str | None = None,
 ) -> Figure:
     """One line per tracked token form across layers, from `token_ranks`.
 
@@ -50,6 +55,7 @@ def plot_logit_lens(
         batch: which row to draw.
         position: which sequence position (default: the first in the table for that row).
         ax: an existing axes to draw into.
+        title: the title (default: names the row and the sequence position shown).
 
     Example:
         >>> from analyses import logit_lens, token_ranks
@@ -70,8 +76,8 @@ def plot_logit_lens(
         ax.invert_yaxis()
     ax.set(
         xlabel="layer (resid_pre; last = final resid_post)",
-        ylabel=value,
-        title=f"logit lens, row {batch}, pos {position}",
+        ylabel={"prob": "probability", "rank": "rank (1 = top)"}.get(value, value),
+        title=title or f"logit lens, row {batch}, position {position}",
     )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(title="token")
@@ -84,6 +90,7 @@ def plot_head_scores(
     title: str = "log-probability increase per head",
     ax: Axes | None = None,
     cmap: str = "RdBu_r",
+    label: str = "log-probability increase (nats)",
 ) -> Figure:
     """Heatmap of head scores, layers down and heads across, centred on zero.
 
@@ -91,6 +98,7 @@ def plot_head_scores(
         scores: `[layer, head]` or `[batch, layer, head]` (e.g. `log_prob_increase(unit="head")`).
         batch: which row to draw for a batched tensor.
         title, ax, cmap: figure options.
+        label: the colourbar's label (what the scores measure).
 
     Example:
         >>> from analyses import log_prob_increase
@@ -103,7 +111,7 @@ def plot_head_scores(
     ax.set(xlabel="head", ylabel="layer", title=title)
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_locator(MaxNLocator(integer=True))
-    fig.colorbar(image, ax=ax)
+    fig.colorbar(image, ax=ax, label=label)
     return fig
 
 
@@ -153,6 +161,7 @@ def plot_patch_heatmap(
     title: str | None = None,
     ax: Axes | None = None,
     cmap: str = "jet",
+    label: str | None = None,
     **image_options: Any,
 ) -> Figure:
     """Overlay a patch map, upsampled bicubically, on the processed image.
@@ -163,6 +172,7 @@ def plot_patch_heatmap(
         row: the batch row to draw.
         alpha: opacity of the heatmap.
         title, ax, cmap: figure options.
+        label: the colourbar's label (what the map measures).
         **image_options: `mean`, `std`, `size` for `processed_image`.
 
     Example:
@@ -179,7 +189,7 @@ def plot_patch_heatmap(
     ax.set_axis_off()
     if title:
         ax.set_title(title)
-    fig.colorbar(overlay, ax=ax, fraction=0.046, pad=0.04)
+    fig.colorbar(overlay, ax=ax, fraction=0.046, pad=0.04, label=label)
     return fig
 
 

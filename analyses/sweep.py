@@ -1,14 +1,18 @@
 """Dataset-scale knockout sweeps (study B), resumable, over the Shapes world or a GQA task CSV.
 
 Each example is written to its own file as soon as it is finished (atomically), so a sweep
-that is killed and restarted skips what is done and ends with the same table. Like the
-study, only examples the model answers correctly are swept.
+that is killed and restarted skips what is done and ends with the same table. A resume only
+reuses results computed with the same settings and example content (see `analyses.sweep_keys`).
+Like the study, only examples the model answers correctly are swept. Relative changes are in
+percent everywhere (`rel_change_pct`), log-probability changes in nats (`delta_log_prob`).
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,8 @@ from tqdm.auto import tqdm
 from hooked_llava import HookedLlava
 from hooked_llava.geometry import Box
 
+from .sweep_keys import FORMAT, METRIC, claim_folder, example_key, model_fingerprint
+
 STUDY_B_TEMPLATE = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
     "detailed, and polite answers to the user's questions. USER: <image>\n{question} \n"
@@ -27,11 +33,18 @@ STUDY_B_TEMPLATE = (
 )
 LLAVA15_TEMPLATE = "USER: <image>\n{question}\nASSISTANT:"
 DEFAULT_FLOWS = ["question->last", "image->last", "image->question", "last->last"]
+TABLES = ("examples", "knockout", "lens")
+ERROR_COLUMNS = ["id", "origin", "error"]
+
+
+class BadExampleError(ValueError):
+    """An example could not be swept (unreadable image, answer outside the vocabulary); names its origin."""
 
 
 @dataclass
 class SweepExample:
-    """One question about one image; `image` is a PIL image or a zero-argument loader.
+    """One question about one image; `image` is a PIL image or a zero-argument loader (one with a
+    `.path` is keyed by its file's bytes). `origin` says where it came from in errors (file and line).
 
     Example:
         >>> prompt = LLAVA15_TEMPLATE.format(question="What is the color of the circle?")
@@ -44,6 +57,7 @@ class SweepExample:
     answer: str
     image: Any
     boxes: list[Box]
+    origin: str = ""
 
     def load_image(self) -> Any:
         return self.image() if callable(self.image) else self.image
@@ -53,9 +67,10 @@ def shapes_examples(
     n_per_category: int, seed: int = 777, categories: Iterable[str] | None = None
 ) -> list[SweepExample]:
     """Generated Shapes-world examples (a seed apart from training), `n_per_category` of each.
+    Ids hold the category, the seed and the index, so two seeds never share an id.
 
     Example:
-        >>> [ex.id for ex in shapes_examples(1)][:2]  # ['Colour-0000', 'ChooseAttr-0000']
+        >>> [ex.id for ex in shapes_examples(1)][:2]  # ['Colour-s777-0000', 'ChooseAttr-s777-0000']
     """
     from hooked_llava.shapes import CATEGORIES, make_dataset
 
@@ -65,19 +80,28 @@ def shapes_examples(
     for ex in examples:
         k = counters[ex.category] = counters.get(ex.category, -1) + 1
         boxes = [tuple(float(v) for v in b) for b in ex.related_bboxes]
-        out.append(SweepExample(f"{ex.category}-{k:04d}", ex.category, ex.prompt, ex.answer, ex.image, boxes))
+        name = f"{ex.category}-s{seed}-{k:04d}"
+        out.append(SweepExample(name, ex.category, ex.prompt, ex.answer, ex.image, boxes, f"Shapes seed {seed}"))
     return out
 
 
 def answer_token(model: HookedLlava, answer: str) -> int:
-    """The first token of the answer as it follows the prompt.
+    """The first token of the answer as it follows the prompt; an answer the tokenizer does not know
+    (its first token is `<unk>`) is an error, not a silent `<unk>`.
 
     Example:
         >>> answer_token(model, "red") == model.to_single_token("red")
+        True
     """
-    ids = model.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
+    tokenizer = model.tokenizer
+    ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"answer {answer!r} tokenises to nothing.")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and ids[0] == unk and answer.strip() != tokenizer.unk_token:
+        raise ValueError(
+            f"answer {answer!r} is not in the tokenizer's vocabulary (it tokenises to {tokenizer.unk_token})."
+        )
     return int(ids[0])
 
 
@@ -87,14 +111,14 @@ def _write_atomic(frame: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _one(model: HookedLlava, ex: SweepExample, flows: list[str], window: int, lens: bool) -> dict[str, pd.DataFrame]:
+def _one(model: HookedLlava, ex: SweepExample, image: Any, target: int, flows: list[str], window: int,
+         lens: bool) -> dict[str, pd.DataFrame]:  # fmt: skip
     from .knockout import knockout_sweep
     from .logit_lens import logit_lens, token_ranks
 
-    inputs = model.prepare(images=[ex.load_image()], prompts=[ex.prompt], boxes=[ex.boxes])
+    inputs = model.prepare(images=[image], prompts=[ex.prompt], boxes=[ex.boxes])
     with torch.no_grad():
         predicted = int(model(inputs)[0, inputs.last[0]].argmax())
-    target = answer_token(model, ex.answer)
     meta = {
         "id": ex.id,
         "category": ex.category,
@@ -105,11 +129,70 @@ def _one(model: HookedLlava, ex: SweepExample, flows: list[str], window: int, le
     if predicted != target:
         return out
     runs = knockout_sweep(model, inputs, flows, window=window, answer=target, progress=False)
-    out["knockout"] = runs.drop(columns="example").assign(id=ex.id, category=ex.category)
+    runs = runs.drop(columns="example").rename(columns={"rel_change": "rel_change_pct"})
+    out["knockout"] = runs.assign(id=ex.id, category=ex.category)
     if lens:
         ranks = token_ranks(model, logit_lens(model, inputs), [ex.answer])
         out["lens"] = ranks.assign(id=ex.id, category=ex.category)
     return out
+
+
+def _guarded(what: str, ex: SweepExample, read: Callable[[], Any]) -> Any:
+    """`read()`, with a file that cannot be read turned into a `BadExampleError` naming the example's origin."""
+    try:
+        return read()
+    except (OSError, ValueError, SyntaxError) as err:  # PIL raises these for missing, corrupt or truncated files
+        raise BadExampleError(f"{ex.origin or ex.id}: the image could not be read for its {what} ({err}).") from err
+
+
+def _is_done(done_dir: Path, ex: SweepExample) -> bool:
+    """Finished with the same content; a finished example whose content changed is recomputed."""
+    if not (done_dir / f"{ex.id}.examples.csv").exists():
+        return False
+    key_path = done_dir / f"{ex.id}.key.json"
+    old = json.loads(key_path.read_text()) if key_path.exists() else None
+    same = old == json.loads(json.dumps(_guarded("key", ex, lambda: example_key(ex))))
+    if not same:
+        warnings.warn(f"example {ex.id} changed since it was swept: recomputing it.", stacklevel=3)
+    return same
+
+
+def _sweep_one(model: HookedLlava, ex: SweepExample, done_dir: Path, flows: list[str], window: int,
+               lens: bool) -> None:  # fmt: skip
+    key = _guarded("key", ex, lambda: example_key(ex))
+    image = _guarded("pixels", ex, ex.load_image)
+    try:
+        target = answer_token(model, ex.answer)
+    except ValueError as err:
+        raise BadExampleError(f"{ex.origin or ex.id}: {err}") from err
+    results = _one(model, ex, image, target, flows, window, lens)
+    for name in TABLES:  # stale files of a changed example go; "examples" is written last: it marks it done
+        (done_dir / f"{ex.id}.{name}.csv").unlink(missing_ok=True)
+    (done_dir / f"{ex.id}.key.json").write_text(json.dumps(key))
+    for name in ("knockout", "lens", "examples"):
+        if name in results:
+            _write_atomic(results[name], done_dir / f"{ex.id}.{name}.csv")
+
+
+def _check_ids(examples: list[SweepExample]) -> None:
+    seen: dict[str, list[str]] = {}
+    for ex in examples:
+        seen.setdefault(ex.id, []).append(ex.origin or "?")
+    dup = {i: where for i, where in seen.items() if len(where) > 1}
+    if dup:
+        raise ValueError(f"duplicate example ids (each id must name one example): {dup}.")
+
+
+def sweep_settings(model: HookedLlava, flows: list[str], window: int, lens: bool,
+                   data: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Everything besides the examples themselves that determines a sweep's results.
+
+    Example:
+        >>> sweep_settings(model, DEFAULT_FLOWS, 9, False, {"shapes_seed": 777})["window"]
+        9
+    """
+    return {"model": model_fingerprint(model), "flows": list(flows), "window": int(window), "lens": bool(lens),
+            "metric": METRIC, "format": FORMAT, **dict(data or {})}  # fmt: skip
 
 
 def run_sweep(
@@ -121,54 +204,120 @@ def run_sweep(
     lens: bool = False,
     progress: bool = True,
     on_example: Callable[[SweepExample], None] | None = None,
+    data: Mapping[str, Any] | None = None,
+    force: bool = False,
+    bad_rows: list[dict[str, str]] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Sweep knockout flows (and optionally the logit lens) over examples, resuming past work.
 
+    A folder holds one set of settings (`sweep_settings`: model fingerprint, flows, window, lens,
+    metric, and `data`). Rerunning with other settings raises `SettingsChangedError` naming what
+    changed, unless `force` (then the old results are deleted). A finished example whose content
+    (prompt, answer, category, boxes, image bytes) changed is recomputed.
+
     Args:
         model: the model.
-        examples: `SweepExample`s (e.g. `shapes_examples(50)` or `gqa_examples(csv, images)`).
-        out_dir: where per-example results and the tables go; existing results are reused.
+        examples: `SweepExample`s with unique ids (e.g. `shapes_examples(50)` or `gqa_examples(csv, images)`).
+        out_dir: where per-example results and `settings.json` go; results of the same settings are reused.
         flows: knockout flows (default: question→last, image→last, image→question, last→last).
         window: knockout window (study B: 9).
         lens: also record the answer's logit-lens rank and probability at the last position.
         on_example: called after each newly finished example (progress hooks, tests).
+        data: settings that describe where the examples come from (the CLI gives the Shapes seed).
+        force: delete results of other settings instead of refusing.
+        bad_rows: None: an example that cannot be swept raises `BadExampleError` (finished ones
+            stay on disk; `collect` gathers them). A list: such examples are skipped and appended
+            to it as {"id", "origin", "error"}.
 
     Returns:
         Tables "examples" (id, category, answer, predicted, correct), "knockout" (the
-        `knockout_sweep` columns plus id and category, correct examples only) and "lens".
+        `knockout_sweep` columns with `rel_change` as `rel_change_pct`, plus id and category; correct
+        examples only) and "lens", of the examples given, in their order.
 
     Example:
-        >>> tables = run_sweep(model, shapes_examples(2), "runs/shapes")  # 2 per category; resumes on rerun
-        >>> tables["examples"].groupby("category")["correct"].mean()  # then summarize_knockout(tables["knockout"])
+        >>> tables = run_sweep(model, shapes_examples(1, categories=["Colour"]), "runs/shapes")  # resumes on rerun
+        >>> tables["examples"].groupby("category")["correct"].mean()  # then summary_table(tables["knockout"])
     """
+    from .knockout import resolve_flows
+
+    examples, flows = list(examples), list(flows or DEFAULT_FLOWS)
+    resolve_flows(flows)  # an unknown flow name fails here, before the folder records it
+    _check_ids(examples)
+    claim_folder(out_dir, sweep_settings(model, flows, window, lens, data), force)
     done_dir = Path(out_dir) / "examples"
     done_dir.mkdir(parents=True, exist_ok=True)
-    examples = list(examples)
     for ex in tqdm(examples, desc="sweep", disable=not progress):
-        if (done_dir / f"{ex.id}.examples.csv").exists():
+        try:
+            if _is_done(done_dir, ex):
+                continue
+            _sweep_one(model, ex, done_dir, flows, window, lens)
+        except BadExampleError as err:
+            if bad_rows is None:
+                raise
+            bad_rows.append({"id": ex.id, "origin": ex.origin, "error": str(err)})
             continue
-        results = _one(model, ex, flows or DEFAULT_FLOWS, window, lens)
-        for name in ("knockout", "lens", "examples"):  # "examples" last: it marks the example done
-            if name in results:
-                _write_atomic(results[name], done_dir / f"{ex.id}.{name}.csv")
         if on_example is not None:
             on_example(ex)
     return collect(out_dir, [ex.id for ex in examples])
 
 
 def collect(out_dir: str | Path, ids: list[str] | None = None) -> dict[str, pd.DataFrame]:
-    """Gather the per-example files of a sweep into tables, in example order.
+    """Gather the per-example files of a sweep into tables, in example order (finished ones only).
 
     Example:
         >>> collect("runs/shapes")["examples"]  # what a sweep has finished so far
     """
     done_dir = Path(out_dir) / "examples"
-    ids = ids or sorted(p.name.split(".")[0] for p in done_dir.glob("*.examples.csv"))
+    ids = ids if ids is not None else sorted(p.name.split(".")[0] for p in done_dir.glob("*.examples.csv"))
+    ids = [i for i in ids if (done_dir / f"{i}.examples.csv").exists()]
     tables = {}
-    for name in ("examples", "knockout", "lens"):
+    for name in TABLES:
         parts = [pd.read_csv(done_dir / f"{i}.{name}.csv") for i in ids if (done_dir / f"{i}.{name}.csv").exists()]
         tables[name] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     return tables
+
+
+def summary_table(knockout: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Per category, flow and layer: n and, for every value column, its mean and confidence interval,
+    named `{value}_mean`, `{value}_ci_low`, `{value}_ci_high` (units in the names: `rel_change_pct`
+    in percent, `delta_log_prob` in nats). Value columns are the numeric ones other than layer,
+    example, p_base and p_blocked, so a new metric column is summarised without changes here.
+    Intervals follow `summarize_knockout` (bounded by what the metric can take, none for n < 5).
+
+    Example:
+        >>> runs = knockout_sweep(model, inputs, "image->last").assign(category="demo")
+        >>> summary_table(runs.rename(columns={"rel_change": "rel_change_pct"})).columns[4]
+        'rel_change_pct_mean'
+    """
+    from .knockout import summarize_knockout
+
+    skip = {"layer", "example", "p_base", "p_blocked"}
+    values = [c for c in knockout.columns if c not in skip and pd.api.types.is_numeric_dtype(knockout[c])]
+    return summarize_knockout(knockout, values, confidence, by=("category", "flow", "layer"))
+
+
+def write_tables(
+    out_dir: str | Path, tables: Mapping[str, pd.DataFrame], bad_rows: list[dict] | None = None
+) -> list[Path]:
+    """Write a sweep's tables as CSV files in `out_dir`: examples, knockout, lens, summary (when there
+    are knockout rows) and errors (the skipped rows; a stale errors.csv is removed when none).
+
+    Example:
+        >>> write_tables("runs/shapes", collect("runs/shapes"))  # the paths written
+    """
+    out, written = Path(out_dir), []
+    out.mkdir(parents=True, exist_ok=True)
+    frames = {name: tables[name] for name in TABLES if name in tables and len(tables[name])}
+    if "knockout" in frames:
+        frames["summary"] = summary_table(frames["knockout"])
+    if bad_rows:
+        frames["errors"] = pd.DataFrame(bad_rows, columns=ERROR_COLUMNS)
+    else:
+        (out / "errors.csv").unlink(missing_ok=True)
+    for name, frame in frames.items():
+        _write_atomic(frame, out / f"{name}.csv")
+        written.append(out / f"{name}.csv")
+    return written
 
 
 def iter_rows(frame: pd.DataFrame) -> Iterator[tuple[int, pd.Series]]:

@@ -1,11 +1,15 @@
 """The `hooked-llava` command line.
 
-    hooked-llava explain [--model NAME] [--image FILE] [--question TEXT | --prompt TEXT] [--out DIR]
+    hooked-llava explain [--model NAME] [--image FILE] [--question TEXT | --prompt TEXT]
+                         [--seed N --category C --index I] [--flows F,G] [--out DIR] [--debug]
     hooked-llava quickstart [--model shapes-llava]
 
 `quickstart` loads a model (the shipped Shapes LLaVA by default, or a tiny random one when no
 checkpoint is shipped), asks a question about a generated scene, and shows what the library
-exposes: the answer, the hook names, and where the answer forms across layers.
+exposes: the answer, the hook names, and where the answer forms across layers. `explain` writes
+an HTML report about one answer (see `analyses.explain`). A user mistake (unknown model, missing
+image, unwritable folder, bad flow, empty question) is one line on stderr and exit status 2;
+`--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -17,51 +21,44 @@ from pathlib import Path
 
 import torch
 
+from .cli_inputs import DEFAULT_SCENE, UsageError, build_inputs, check_flows, check_image, check_out, load_model, scene
 
-def _load(name: str | None):
-    """The model, and a default image and prompt (a Shapes colour question, study A's format)."""
-    from .inputs import LLAVA15_TEMPLATE
+
+def _default(args: argparse.Namespace):
+    """The model and the default example: a Shapes question (study A's Colour format, answer prefix included)."""
     from .loading import SHIPPED
-    from .model import HookedLlava
 
-    name = name or "shapes-llava"
+    name = args.model or "shapes-llava"
     if name == "shapes-llava" and not (SHIPPED / name).is_dir():
-        from .testing import random_images, tiny_model
+        from .testing import tiny_model
 
         print("(no shipped Shapes checkpoint found: using a tiny random LLaVA)")
-        model, _ = tiny_model()
-        question = "What is the color of the circle?"
-        return model, random_images(1)[0], LLAVA15_TEMPLATE.format(question=question)
-    model = HookedLlava.from_pretrained(name)
-    from .shapes import ShapesWorld
-
-    example = ShapesWorld(seed=2024).example(0, "Colour")
-    return model, example.image, example.prompt
+        return tiny_model()[0]
+    return load_model(name)
 
 
 def quickstart(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    model, image, prompt = _load(args.model)
+    model = _default(args)
     print(
         f"loaded {model.cfg.original_architecture}: {model.cfg.n_layers} layers × {model.cfg.n_heads} heads, "
         f"d_model {model.cfg.d_model}, {len(model.hook_dict)} hook points"
     )
-    inputs = model.prepare(images=[image], prompts=[prompt])
-    question = " ".join(model.to_str_tokens(inputs.input_ids[0][inputs.mask("question")[0]]))
+    inputs = build_inputs(model, args, scene(DEFAULT_SCENE), None)
+    question = model.tokenizer.decode(inputs.input_ids[0][inputs.mask("question")[0]]).strip()
     with torch.no_grad():
         logits, cache = model.run_with_cache(inputs)
-    probs = logits[0, -1].softmax(-1)
+    probs = logits[0, inputs.last[0]].float().softmax(-1)
     answer = int(probs.argmax())
-    print(f"Q: {question}\nA: {model.to_string([answer])!r} (p = {probs[answer]:.3f})")
-    print(
-        f"image tokens: {int(inputs.mask('image').sum())} on a {inputs.grid_size}×{inputs.grid_size} grid; "
-        f"question tokens: {model.to_str_tokens(inputs.input_ids[0][inputs.mask('question')[0]])}"
-    )
-    print("logit lens at the last position (rank of the answer after each layer):")
+    print(f"Q: {question}\nA: {model.tokenizer.decode([answer])!r} (p = {probs[answer]:.3f})")
+    if inputs.pixel_values is not None:
+        print(f"image tokens: {int(inputs.mask('image').sum())} on a {inputs.grid_size}×{inputs.grid_size} grid")
+    print(f"question tokens: {model.to_str_tokens(inputs.input_ids[0][inputs.mask('question')[0]])}")
+    print("logit lens at the last position (rank of the answer after each layer, 1 = top):")
     for layer in range(model.cfg.n_layers):
-        resid = cache[f"blocks.{layer}.hook_resid_post"][0, -1]
+        resid = cache[f"blocks.{layer}.hook_resid_post"][0, inputs.last[0]]
         lens = model.unembed(model.ln_final(resid[None, None]))[0, 0]
-        rank = int((lens > lens[answer]).sum())
+        rank = int((lens > lens[answer]).sum()) + 1
         print(f"  layer {layer:2d}: rank {rank:4d}  p = {lens.softmax(-1)[answer]:.3f}")
     print(f"done in {time.perf_counter() - start:.1f}s")
     return 0
@@ -72,82 +69,148 @@ def explain(args: argparse.Namespace) -> int:
     from analyses.explain import write_html
 
     start = time.perf_counter()
-    model, image, prompt = _load(args.model)
-    if args.image:
-        from PIL import Image
-
-        image = Image.open(args.image).convert("RGB")
-    if args.question:
-        inputs = model.prepare(images=[image], questions=[args.question])
-    else:
-        inputs = model.prepare(images=[image], prompts=[args.prompt or prompt])
-    print(f"explaining {inputs.texts[0]!r} with {model.cfg.original_architecture} ({model.cfg.n_layers} layers)")
-    report = run_explain(model, inputs, say=lambda msg: print(msg, flush=True))
+    for flag in ("question", "prompt"):
+        if getattr(args, flag) is not None and not getattr(args, flag).strip():
+            raise UsageError(f"--{flag} is empty: give the text, or leave --{flag} out to use the default scene.")
+    image = check_image(args.image) if args.image else None
+    flows = check_flows(args.flows) if args.flows else None
+    example = scene((args.seed, args.category, args.index))
+    replacing = check_out(args.out)
+    model = _default(args)
+    inputs = build_inputs(model, args, example, image)
+    if flows and inputs.pixel_values is None and any("image" in f or "related" in f or "other" in f for f in flows):
+        raise UsageError(f"--flows {args.flows}: this model reads no image, so image flows do not apply.")
+    print(f"explaining {inputs.texts[0] if inputs.texts else args.prompt!r} with {args.model or 'shapes-llava'}")
+    report = run_explain(
+        model, inputs, say=lambda msg: print(msg, flush=True), flows=flows, model_name=args.model or "shapes-llava"
+    )
+    if replacing:
+        print(f"replacing the existing report in {args.out}")
     path = write_html(report, args.out)
-    print(f"answer: {report.answer!r} (p = {report.probability:.3f})")
+    print(f"answer: {report.answer} (token id {report.answer_id}, p = {report.probability:.3f})")
     print(f"report written to {path} ({time.perf_counter() - start:.1f}s)")
     return 0
 
 
-def sweep(args: argparse.Namespace) -> int:
+def _sweep_examples(args: argparse.Namespace, bad_rows: list | None) -> tuple[list, dict]:
+    """The examples, and what the folder's settings record about where they come from."""
     from analyses.gqa import gqa_examples
-    from analyses.knockout import summarize_knockout
+    from analyses.sweep import shapes_examples
+
+    if args.csv:
+        return gqa_examples(args.csv, args.images, category=args.category, bad_rows=bad_rows), {"source": "csv"}
+    return shapes_examples(args.shapes, seed=args.seed), {"source": "shapes", "seed": args.seed}
+
+
+def _write_sweep(out: Path, tables: dict, bad_rows: list | None) -> None:
+    """Write the tables and the figure, and say what is in them."""
     from analyses.plot_flows import plot_sweep
-    from analyses.sweep import run_sweep, shapes_examples
+    from analyses.sweep import write_tables
+
+    write_tables(out, tables, bad_rows)
+    done = tables["examples"]
+    if len(done):
+        print(f"{len(done)} examples, {int(done['correct'].sum())} answered correctly and swept")
+        print(done.groupby("category")["correct"].agg(["size", "mean"]).rename(columns={"mean": "accuracy"}))
+    if bad_rows:
+        print(f"{len(bad_rows)} bad rows skipped: see {out / 'errors.csv'}")
+    if len(tables["knockout"]):
+        plot_sweep(tables["knockout"], title="attention knockout").savefig(out / "sweep.png", dpi=120)
+        print(f"tables in {out} (relative change in %, log-probability change in nats); figure: {out / 'sweep.png'}")
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """Run (or resume) a sweep and write examples/knockout/lens/summary/errors CSVs and sweep.png.
+
+    A bad CSV row (missing or unreadable image, bad box, unknown answer) stops the sweep with a
+    message naming the row, after writing the tables of the finished examples; with
+    --skip-bad-rows it is skipped and listed in errors.csv. Other settings than the folder's are
+    refused unless --force (see `analyses.sweep_keys`). Rel. changes are in %, `delta_log_prob` in nats.
+    """
+    from analyses.gqa import GQAFormatError
+    from analyses.sweep import BadExampleError, collect, run_sweep
+    from analyses.sweep_keys import SettingsChangedError
 
     from .model import HookedLlava
 
+    if args.csv and not args.images:
+        print("hooked-llava sweep: --csv needs --images, the folder of the CSV's images", file=sys.stderr)
+        return 2
+    bad_rows: list | None = [] if args.skip_bad_rows else None
+    try:
+        examples, data = _sweep_examples(args, bad_rows)  # a bad CSV is reported before the model loads
+    except GQAFormatError as err:
+        print(f"hooked-llava sweep: {err} (--skip-bad-rows skips such rows)", file=sys.stderr)
+        return 2
     model = HookedLlava.from_pretrained(args.model)
-    if args.csv:
-        if not args.images:
-            raise SystemExit("--csv needs --images, the folder of the CSV's images")
-        examples = gqa_examples(args.csv, args.images, category=args.category)
-    else:
-        examples = shapes_examples(args.shapes, seed=args.seed)
     flows = args.flows.split(",") if args.flows else None
-    tables = run_sweep(model, examples, args.out, flows=flows, window=args.window, lens=args.lens)
-    out = Path(args.out)
-    for name, table in tables.items():
-        if len(table):
-            table.to_csv(out / f"{name}.csv", index=False)
-    done = tables["examples"]
-    print(f"{len(done)} examples, {int(done['correct'].sum())} answered correctly and swept")
-    print(done.groupby("category")["correct"].agg(["size", "mean"]).rename(columns={"mean": "accuracy"}))
-    if len(tables["knockout"]):
-        frame = tables["knockout"].rename(columns={"id": "example"})
-        summarize_knockout(frame).to_csv(out / "summary.csv", index=False)
-        plot_sweep(tables["knockout"], title="attention knockout").savefig(out / "sweep.png", dpi=120)
-        print(f"figure: {out / 'sweep.png'}")
+    out, failure = Path(args.out), None
+    try:
+        tables = run_sweep(model, examples, out, flows=flows, window=args.window, lens=args.lens, data=data,
+                           force=args.force, bad_rows=bad_rows)  # fmt: skip
+    except SettingsChangedError as err:
+        print(f"hooked-llava sweep: {err}", file=sys.stderr)
+        return 2
+    except BadExampleError as err:  # keep what is finished: write the tables of the finished examples
+        failure, tables = err, collect(out, [ex.id for ex in examples])
+    _write_sweep(out, tables, bad_rows)
+    if failure is not None:
+        print(f"hooked-llava sweep: {failure} (tables of the finished examples written; --skip-bad-rows skips "
+              "such rows)", file=sys.stderr)  # fmt: skip
+        return 2
     return 0
 
 
+def _explain_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    seed, category, index = DEFAULT_SCENE
+    exp = sub.add_parser(
+        "explain", parents=[common], help="explain one answer in an HTML report (default: the shipped Shapes model)"
+    )
+    exp.add_argument("--model", default=None, help="shipped name, local directory or hub id (default shapes-llava)")
+    exp.add_argument("--image", default=None, help="an image file (default: the generated Shapes scene)")
+    exp.add_argument("--question", default=None, help="the question, put in the model's prompt format")
+    exp.add_argument("--prompt", default=None, help="a full prompt containing <image> instead of --question")
+    exp.add_argument("--seed", type=int, default=seed, help=f"Shapes world of the scene (default {seed})")
+    exp.add_argument("--category", default=category, help=f"Shapes question category (default {category})")
+    exp.add_argument("--index", type=int, default=index, help=f"example index in that world (default {index})")
+    exp.add_argument("--flows", default=None, help="comma-separated knockout flows (default: the four main ones)")
+    exp.add_argument("--out", default="hooked-llava-report", help="output directory (report.html, PNGs, CSVs)")
+    exp.set_defaults(run=explain)
+
+
 def main(argv: list[str] | None = None) -> int:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser = argparse.ArgumentParser(prog="hooked-llava", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    quick = sub.add_parser("quickstart", help="run a question through a model and show its internals")
+    quick = sub.add_parser("quickstart", parents=[common], help="run a question through a model and show its internals")
     quick.add_argument("--model", default=None, help="shipped name, local directory or hub id")
     quick.set_defaults(run=quickstart)
-    exp = sub.add_parser("explain", help="explain one answer in an HTML report (default: the shipped Shapes model)")
-    exp.add_argument("--model", default=None, help="shipped name, local directory or hub id (default shapes-llava)")
-    exp.add_argument("--image", default=None, help="an image file (default: a generated Shapes scene)")
-    exp.add_argument("--question", default=None, help="the question, put in the LLaVA-1.5 template")
-    exp.add_argument("--prompt", default=None, help="a full prompt containing <image> instead of --question")
-    exp.add_argument("--out", default="hooked-llava-report", help="output directory (report.html and PNGs)")
-    exp.set_defaults(run=explain)
-    sw = sub.add_parser("sweep", help="knockout flows over a dataset (Shapes categories or a GQA task CSV)")
+    _explain_parser(sub, common)
+    sw = sub.add_parser(
+        "sweep", parents=[common], help="knockout flows over a dataset (Shapes categories or a GQA task CSV)"
+    )
     sw.add_argument("--model", default="shapes-llava")
     sw.add_argument("--shapes", type=int, default=50, help="Shapes examples per category (without --csv)")
-    sw.add_argument("--seed", type=int, default=777, help="Shapes world seed")
+    sw.add_argument("--seed", type=int, default=777, help="Shapes world seed (part of the example ids)")
     sw.add_argument("--csv", default=None, help="a task CSV in study B's GQA format")
     sw.add_argument("--images", default=None, help="folder of the CSV's images ({img_id}.jpg)")
     sw.add_argument("--category", default=None, help="category label (default: from the CSV file name)")
     sw.add_argument("--flows", default=None, help="comma-separated flows (default: the four main ones)")
     sw.add_argument("--window", type=int, default=9)
     sw.add_argument("--lens", action="store_true", help="also record the logit lens at the last position")
-    sw.add_argument("--out", default="hooked-llava-sweep", help="output folder; rerunning resumes")
+    sw.add_argument("--out", default="hooked-llava-sweep", help="output folder; a rerun with the same settings resumes")
+    sw.add_argument("--force", action="store_true", help="delete results computed with other settings in --out")
+    sw.add_argument("--skip-bad-rows", action="store_true", help="skip unreadable rows, listing them in errors.csv")
     sw.set_defaults(run=sweep)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except UsageError as err:
+        if args.debug:
+            raise
+        print(f"hooked-llava {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,19 +9,18 @@ refuses what it does not support with a message saying what to do.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from transformer_lens.config import TransformerLensConfig
 
+from .config_checks import InvalidConfigError, UnsupportedConfigError, check_positive, validate_text, validate_vision
+
 SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
 TEXT_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "quick_gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 SELECT_STRATEGIES = ("default", "full")
-
-
-class UnsupportedConfigError(ValueError):
-    """A Hugging Face config asks for something HookedLlava does not implement."""
 
 
 @dataclass
@@ -115,6 +114,7 @@ def language_config(text: Any, dtype: torch.dtype, device: str | None = None) ->
             f"text model type {text.model_type!r} is not supported; HookedLlava implements "
             f"{', '.join(SUPPORTED_TEXT_MODELS)}."
         )
+    validate_text(text)
     rope = dict(getattr(text, "rope_parameters", None) or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
@@ -122,6 +122,8 @@ def language_config(text: Any, dtype: torch.dtype, device: str | None = None) ->
             f"rope scaling type {rope_type!r} is not supported; only unscaled ('default') rotary "
             "embeddings are implemented. Remove `rope_scaling` from the config or use HF directly."
         )
+    theta = rope.get("rope_theta", getattr(text, "rope_theta", 10000.0))
+    check_positive("text config", SimpleNamespace(rope_theta=theta), "rope_theta")
     n_heads = text.num_attention_heads
     qkv_bias = bool(getattr(text, "attention_bias", False)) or text.model_type == "qwen2"
     o_bias = bool(getattr(text, "attention_bias", False)) and text.model_type != "qwen2"
@@ -138,7 +140,7 @@ def language_config(text: Any, dtype: torch.dtype, device: str | None = None) ->
         n_key_value_heads=text.num_key_value_heads or n_heads,
         eps=text.rms_norm_eps,
         act_fn=_check_act(text.hidden_act, "the language model"),
-        rope_theta=float(rope.get("rope_theta", getattr(text, "rope_theta", 10000.0))),
+        rope_theta=float(theta),
         attention_bias=qkv_bias,
         output_bias=o_bias,
         mlp_bias=bool(getattr(text, "mlp_bias", False)),
@@ -193,6 +195,7 @@ def vision_config(v: Any, feature_layer: int | list[int], strategy: str, dtype: 
         raise UnsupportedConfigError(
             f"vision_feature_select_strategy {strategy!r} is not supported; use one of {SELECT_STRATEGIES}."
         )
+    validate_vision(v)
     layers, computed = _feature_layers(feature_layer, v.num_hidden_layers)
     grid = v.image_size // v.patch_size
     return VisionConfig(
@@ -235,6 +238,11 @@ def configs_from_hf(hf_config: Any, dtype: torch.dtype | None = None) -> LlavaCo
             f"got {hf_config.vision_feature_select_strategy!r}."
         )
     lm.image_token_id = hf_config.image_token_id
+    if not isinstance(lm.image_token_id, int) or not 0 <= lm.image_token_id < lm.d_vocab:
+        raise InvalidConfigError(
+            f"image_token_id={lm.image_token_id!r} is not a token id of the {lm.d_vocab}-token vocabulary; "
+            "fix config.json."
+        )
     vision = vision_config(
         hf_config.vision_config,
         hf_config.vision_feature_layer,

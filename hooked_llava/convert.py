@@ -3,13 +3,15 @@
 Each sub-model has one function `dict[str, Tensor] -> dict[str, Tensor]`; `convert`
 splits a checkpoint by prefix (both the on-disk `language_model.model.*` layout and the
 transformers ≥5 `model.language_model.*` one), composes them, and accounts for every key:
-each source key is consumed or deliberately ignored, and anything else is an error.
+each source key is consumed or deliberately ignored, and anything else is an error. Every
+tensor taken must have its asserted shape and finite values (a NaN or inf is an error naming it).
 """
 
 from __future__ import annotations
 
 import re
 
+import torch
 from torch import Tensor
 
 from .config import LlavaConfigs
@@ -40,7 +42,7 @@ IGNORED = (
 
 
 class CheckpointError(ValueError):
-    """A checkpoint's keys or shapes do not match the model its config describes."""
+    """A checkpoint cannot be loaded unambiguously: its files, keys, shapes or values are wrong."""
 
 
 class _Keys:
@@ -55,6 +57,11 @@ class _Keys:
         t = self.sd[key]
         if shape is not None and tuple(t.shape) != shape:
             raise CheckpointError(f"{self.name}:{key!r} has shape {tuple(t.shape)}, expected {shape}.")
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(
+                f"{self.name}:{key!r} has {bad} non-finite value(s) (NaN or inf); the checkpoint is corrupt."
+            )
         self.used.add(key)
         return t
 

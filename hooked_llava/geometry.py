@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from jaxtyping import Bool
@@ -15,6 +15,19 @@ if TYPE_CHECKING:
     from .inputs import LlavaInputs
 
 Box = tuple[float | int, float | int, float | int, float | int]  # (x0, y0, x1, y1)
+# "exclusive": x1, y1 are exclusive (the documented default). "pil": both corners are inside the
+# box, as when study B's code draws it with PIL's `ImageDraw.rectangle`: one pixel wider and taller.
+BoxRule = Literal["exclusive", "pil"]
+
+
+def _box(box: Box, box_rule: BoxRule) -> Box:
+    """`box` with an exclusive far corner under either rule."""
+    if box_rule not in ("exclusive", "pil"):
+        raise ValueError(
+            f"box_rule must be 'exclusive' (x1, y1 exclusive) or 'pil' (both corners inside), got {box_rule!r}."
+        )
+    x0, y0, x1, y1 = box
+    return (x0, y0, x1 + 1, y1 + 1) if box_rule == "pil" else (x0, y0, x1, y1)
 
 
 def resize_and_crop(image_size: tuple[int, int], crop: tuple[int, int]) -> tuple[int, int, float, float]:
@@ -27,15 +40,19 @@ def resize_and_crop(image_size: tuple[int, int], crop: tuple[int, int]) -> tuple
     return (new_h - side) // 2, (new_w - side) // 2, new_h / height, new_w / width
 
 
-def box_to_patches(box: Box, image_size: tuple[int, int], crop: tuple[int, int], patch: int) -> set[tuple[int, int]]:
+def box_to_patches(
+    box: Box, image_size: tuple[int, int], crop: tuple[int, int], patch: int, box_rule: BoxRule = "exclusive"
+) -> set[tuple[int, int]]:
     """Grid cells `(row, col)` that any pixel of `box` falls in, after the processor's
     shortest-edge resize to `crop[0]` and centre crop to `crop[1]`.
 
-    `box` is `(x0, y0, x1, y1)` in original pixels with `x1`, `y1` exclusive.
+    `box` is `(x0, y0, x1, y1)` in original pixels, with `x1`, `y1` exclusive under
+    `box_rule="exclusive"` (the default) and inclusive under `"pil"` (study B's code draws boxes
+    with PIL, which fills both corners: one pixel wider and taller, to reproduce its numbers).
     """
     side = crop[1]
     top, left, sy, sx = resize_and_crop(image_size, crop)
-    x0, y0, x1, y1 = box
+    x0, y0, x1, y1 = _box(box, box_rule)
     px0, px1 = max(x0 * sx - left, 0.0), min(x1 * sx - left, side)
     py0, py1 = max(y0 * sy - top, 0.0), min(y1 * sy - top, side)
     if px1 <= px0 or py1 <= py0:
@@ -45,8 +62,9 @@ def box_to_patches(box: Box, image_size: tuple[int, int], crop: tuple[int, int],
     return {(r, c) for r in rows for c in cols}
 
 
-def related_mask(inputs: LlavaInputs) -> Bool[Tensor, "batch pos"]:
-    """Image positions whose patch lies under any of the row's boxes."""
+def related_mask(inputs: LlavaInputs, box_rule: BoxRule = "exclusive") -> Bool[Tensor, "batch pos"]:
+    """Image positions whose patch lies under any of the row's boxes (`box_rule`: see `box_to_patches`)."""
+    _box((0, 0, 0, 0), box_rule)  # validates the rule even for rows without boxes
     if inputs.boxes is None:
         raise ValueError(
             "the 'related' role needs bounding boxes: pass `boxes=[[(x0, y0, x1, y1), ...], ...]` "
@@ -57,7 +75,7 @@ def related_mask(inputs: LlavaInputs) -> Bool[Tensor, "batch pos"]:
             "the 'related' role needs the original image sizes and the processor's crop; use model.prepare."
         )
     if inputs.token_tables is not None:
-        return _related_by_overlap(inputs)
+        return _related_by_overlap(inputs, box_rule)
     patch = inputs.crop[1] // inputs.grid_size
     rc, image_of = inputs.patch_rc(), inputs.image_index()
     mask = torch.zeros_like(inputs.input_ids, dtype=torch.bool)
@@ -66,18 +84,20 @@ def related_mask(inputs: LlavaInputs) -> Bool[Tensor, "batch pos"]:
             r, c = rc[row, pos].tolist()
             size = inputs.image_sizes[int(image_of[row, pos])]
             cells = (
-                set().union(*(box_to_patches(b, size, inputs.crop, patch) for b in row_boxes)) if row_boxes else set()
+                set().union(*(box_to_patches(b, size, inputs.crop, patch, box_rule) for b in row_boxes))
+                if row_boxes
+                else set()
             )
             mask[row, pos] = (r, c) in cells
     return mask
 
 
-def _related_by_overlap(inputs: LlavaInputs) -> Bool[Tensor, "batch pos"]:
+def _related_by_overlap(inputs: LlavaInputs, box_rule: BoxRule) -> Bool[Tensor, "batch pos"]:
     """LLaVA-NeXT: image tokens whose recorded pixel box overlaps any of the row's boxes."""
     table = image_map(inputs)
     mask = torch.zeros_like(inputs.input_ids, dtype=torch.bool)
     for t in table.itertuples():
-        boxes = inputs.boxes[t.row] if inputs.boxes else []
+        boxes = [_box(b, box_rule) for b in inputs.boxes[t.row]] if inputs.boxes else []
         mask[t.row, t.pos] = t.kind != "newline" and any(
             t.x0 < x1 and x0 < t.x1 and t.y0 < y1 and y0 < t.y1 for x0, y0, x1, y1 in boxes
         )

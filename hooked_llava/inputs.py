@@ -27,6 +27,11 @@ ROLES = ("image", "question", "last", "text", "template", "pad", "related", "oth
 _QUESTION = re.compile(
     r"<image>\s*(?P<q>.*?)\s*(?:Answer the question using a single word or phrase\.)?\s*ASSISTANT:", re.S
 )
+# Without an image (text QA: "USER: {scene description}\n{question}\nASSISTANT:"), the question is
+# the last line of the user's turn.
+_TEXT_QUESTION = re.compile(
+    r"(?:USER:|\n)[ \t]*(?P<q>[^\n]*?)\s*(?:Answer the question using a single word or phrase\.)?\s*ASSISTANT:"
+)
 
 
 @dataclass
@@ -216,7 +221,7 @@ def question_spans(prompts: list[str]) -> list[tuple[int, int] | None]:
     """Character span of the question in LLaVA-style prompts, or None when not found."""
     spans = []
     for prompt in prompts:
-        m = _QUESTION.search(prompt)
+        m = (_QUESTION if "<image>" in prompt else _TEXT_QUESTION).search(prompt)
         spans.append(m.span("q") if m and m.group("q") else None)
     return spans
 
@@ -227,7 +232,7 @@ def prepare(
     prompts: str | list[str] | None = None,
     *,
     questions: str | list[str] | None = None,
-    template: str = LLAVA15_TEMPLATE,
+    template: str | None = None,
     boxes: list[list[Box]] | None = None,
     input_ids: Tensor | None = None,
     pixel_values: Any = None,
@@ -237,8 +242,13 @@ def prepare(
 ) -> LlavaInputs:
     """Build `LlavaInputs` with the model's HF processor, or wrap ids the caller tokenised.
 
-    Either give `images` with `prompts` (full prompts containing `<image>`) or `questions`
-    (formatted with `template`), or give `input_ids` (and `pixel_values`) directly.
+    Either give `images` with `prompts` (full prompts containing `<image>`) or `questions`, or
+    give `input_ids` (and `pixel_values`) directly. Questions are formatted with the model's chat
+    template (one user turn holding the image and the question, then the assistant's turn as the
+    checkpoint was trained to start it), or with `template` (a format string with `{question}`)
+    when given or when the model has no chat template (then `LLAVA15_TEMPLATE`, or
+    `"USER: {question}\\nASSISTANT:"` without images). Text-only models take no images. A word
+    the tokenizer does not know is a ValueError that names it.
 
     Example:
         >>> inputs = model.prepare(images=[img], questions=["What is the color of the circle?"])
@@ -252,12 +262,14 @@ def prepare(
         extra = {} if image_sizes is None else {"image_sizes": image_sizes}
         return wrap_ids(model, input_ids, pixel_values, attention_mask, **extra)
     if questions is not None:
+        from .prompts import format_questions
+
         questions = [questions] if isinstance(questions, str) else list(questions)
         if prompts is not None:
             raise ValueError("give either prompts or questions, not both.")
-        prompts = [template.format(question=q) for q in questions]
-        start = template.index("{question}")
-        spans: list[tuple[int, int] | None] = [(start, start + len(q)) for q in questions]
+        n_images = 0 if images is None else len(images) if isinstance(images, (list, tuple)) else 1
+        image_token = getattr(model.processor, "image_token", None) or "<image>"
+        prompts, spans = format_questions(model.processor, questions, n_images, template, image_token)
     elif prompts is not None:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         spans = question_spans(prompts)

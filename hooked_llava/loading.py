@@ -1,63 +1,46 @@
 """Loading HookedLlava from HF models, local directories, shipped names and hub ids.
 
 `from_pretrained` reads `config.json` and the safetensors shards directly into a model
-built on the meta device, so peak memory stays close to one copy of the weights.
+built on the meta device, so peak memory stays close to one copy of the weights. Names are
+resolved in `resolve.py` (local folders first, the hub under a deadline); which files are read,
+and how ambiguity is refused, lives in `checkpoint_files.py`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
-from .config import configs_from_hf
+from .checkpoint_files import load_weights, read_json, regular_file, weight_files
+from .config import InvalidConfigError, configs_from_hf
 from .convert import CheckpointError, convert
+from .resolve import SHIPPED, resolve
 
-SHIPPED = Path(__file__).parent / "checkpoints"
-_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
-
-
-def resolve(name_or_dir: str | Path) -> Path:
-    """A shipped short name (e.g. "shapes-llava"), a local directory, or a hub id (downloaded)."""
-    path = Path(name_or_dir)
-    if (SHIPPED / str(name_or_dir)).is_dir():
-        return SHIPPED / str(name_or_dir)
-    if path.is_dir():
-        return path
-    if path.exists() or str(name_or_dir).startswith((".", "/")):
-        raise FileNotFoundError(f"{name_or_dir} is not a model directory.")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(name_or_dir), allow_patterns=_HUB_FILES))
-    except Exception as err:  # the hub client raises many types; say what we tried
-        shipped = sorted(p.name for p in SHIPPED.iterdir()) if SHIPPED.is_dir() else []
-        raise FileNotFoundError(
-            f"could not find {name_or_dir!r}: it is not a shipped model ({', '.join(shipped) or 'none'}), "
-            f"not a local directory, and downloading it from the hub failed ({type(err).__name__}: {err})."
-        ) from err
-
-
-def _shards(directory: Path, suffix: str, index: str) -> list[Path]:
-    index_file = directory / index
-    if index_file.exists():
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-        return [directory / f for f in dict.fromkeys(weight_map.values())]
-    return sorted(directory.glob(f"*{suffix}"))
+__all__ = ["SHIPPED", "LoadingMixin", "read_checkpoint", "resolve"]
+PROCESSOR_FILES = (
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "chat_template.json",
+    "tokenizer.model",
+    "merges.txt",
+    "chat_template.jinja",
+)
 
 
 def read_checkpoint(directory: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory; pickled `.bin` files only with `allow_pickle`."""
-    shards = _shards(directory, ".safetensors", "model.safetensors.index.json")
-    if shards:
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(shard))
-        return state
-    pickled = _shards(directory, ".bin", "pytorch_model.bin.index.json")
+    files, weight_map = weight_files(directory, "model", ".safetensors")
+    if files:
+        return load_weights(files, load_file, weight_map)
+    pickled, weight_map = weight_files(directory, "pytorch_model", ".bin")
     if not pickled:
         raise CheckpointError(f"no safetensors or .bin weights found in {directory}.")
     if not allow_pickle:
@@ -65,21 +48,43 @@ def read_checkpoint(directory: Path, allow_pickle: bool = False) -> dict[str, to
             f"{directory} only has pickled weights ({pickled[0].name}); pickles can run code when loaded. "
             "Convert them to safetensors, or pass allow_pickle=True to load them with weights_only=True."
         )
-    state = {}
-    for shard in pickled:
-        state.update(torch.load(shard, map_location="cpu", weights_only=True))
-    return state
+    return load_weights(pickled, lambda f: torch.load(f, map_location="cpu", weights_only=True), weight_map)
 
 
 def _load_processor(directory: Path) -> Any:
+    """The processor (or tokenizer) saved in `directory`; None if it has no processor files at all."""
     from transformers import AutoProcessor, AutoTokenizer
 
+    present = [directory / name for name in PROCESSOR_FILES if (directory / name).exists()]
+    if not present:
+        return None
+    for path in present:  # a FIFO would block the reader; a broken JSON file would be skipped silently
+        read_json(path) if path.suffix == ".json" else regular_file(path)
+    errors = []
     for loader in (AutoProcessor, AutoTokenizer):
         try:
             return loader.from_pretrained(directory)
-        except Exception:  # noqa: BLE001 - a directory may simply have no processor files
-            continue
-    return None
+        except Exception as err:  # noqa: BLE001 - both failures are reported below
+            errors.append(f"{loader.__name__}: {type(err).__name__}: {str(err)[:300]}")
+    raise CheckpointError(
+        f"the processor files in {directory} ({', '.join(p.name for p in present)}) could not be loaded "
+        f"({'; '.join(errors)}). Fix or remove them, or pass processor=... to use your own."
+    )
+
+
+def _read_config(directory: Path, name: str) -> Any:
+    """The HF config of `directory`, or an error naming config.json and what is wrong with it."""
+    from transformers import AutoConfig
+
+    if not (directory / "config.json").exists():
+        shipped = SHIPPED / name
+        hint = f" A shipped model has that name too: pass {shipped} to load it." if shipped.is_dir() else ""
+        raise FileNotFoundError(f"{directory} has no config.json; pass the folder a model was saved to.{hint}")
+    read_json(directory / "config.json")  # a clear error for a FIFO or broken JSON
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except Exception as err:  # transformers validates fields itself, with several error types
+        raise InvalidConfigError(f"{directory / 'config.json'} is invalid: {type(err).__name__}: {err}") from err
 
 
 def _dtype(hf_config: Any, dtype: Any) -> torch.dtype:
@@ -154,21 +159,24 @@ class LoadingMixin:
         fold_ln: bool = False,
         center_unembed: bool = False,
     ) -> Any:
-        """Load a shipped model ("shapes-llava", "shapes-lm"), a local directory or a hub id.
+        """Load a local directory, a shipped model ("shapes-llava", "shapes-lm") or a hub id "org/name".
+
+        A local directory wins over a shipped model of the same name (with a warning); a path that
+        does not exist is an error and never goes to the hub; the hub must answer within
+        `HOOKED_LLAVA_HUB_TIMEOUT` seconds (default 30), else set `HF_HUB_OFFLINE=1` to use the cache.
 
         Args:
             dtype: defaults to the checkpoint's dtype (float32 if it does not say).
-            processor: defaults to the processor (or tokenizer) saved with the checkpoint.
+            processor: defaults to the processor (or tokenizer) saved with the checkpoint; saved
+                processor files that do not load are an error unless you pass your own.
             allow_pickle: allow pickled `.bin` weights, loaded with `weights_only=True`.
             fold_ln, center_unembed: weight processing as in legacy TransformerLens.
 
         Example:
             >>> model = HookedLlava.from_pretrained("shapes-llava")
         """
-        from transformers import AutoConfig
-
         directory = resolve(name_or_dir)
-        hf_config = AutoConfig.from_pretrained(directory)
+        hf_config = _read_config(directory, str(name_or_dir))
         configs_from_hf(hf_config)  # refuse an unsupported config before reading any weights
         state = read_checkpoint(directory, allow_pickle)
         processor = processor if processor is not None else _load_processor(directory)

@@ -5,6 +5,13 @@ model at the same time would each see the other's hooks (and fill the other's ca
 than make hooks per call, every entry point that adds hooks or runs the model holds the model's
 lock until it is done: concurrent calls run one after another and each sees only its own hooks.
 The lock is re-entrant, so a hook or an analysis may call the model again from the same thread.
+
+Held for the whole call by: `forward` (so `model(...)`), `run_with_hooks`, `run_with_cache`, the
+`hooks()` context manager, `add_hook`, `reset_hooks`, `generate`, `embed_inputs`, `image_features`
+and `run_blocks`. Hooks kept after a call (`add_hook`, `reset_hooks_end=False`) are model state that
+every later call sees, whichever thread makes it. Other threads wait while a `with model.hooks():`
+block runs, so do not wait there on threads that use the model. Hold `model.lock` to call submodules
+directly (`model.blocks[3](x)`) from several threads; give each thread its own model for throughput.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from . import checks
 from . import next as next_
 from .components import Attention, GatedMLP, HookPoint, RMSNorm, TransformerBlock, rotary_cos_sin
 from .config import LanguageConfig, LlavaConfigs
+from .entry import EntryMixin
 from .generation import GenerationMixin
 from .hook_points import allow_broadcasting_hooks
 from .inputs import LlavaInputs
@@ -51,19 +52,13 @@ def _lm_block(cfg: LanguageConfig) -> TransformerBlock:
     )
 
 
-class HookedLlava(LockingMixin, LoadingMixin, TokensMixin, WeightsMixin, GenerationMixin, HookedRootModule):
+class HookedLlava(LockingMixin, LoadingMixin, TokensMixin, EntryMixin, WeightsMixin, GenerationMixin, HookedRootModule):
     """LLaVA with every internal exposed as a live TransformerLens hook point.
 
-    Threads: a model may be shared by threads. A per-model re-entrant lock is held for the whole of
-    `forward`/`model(...)`, `run_with_hooks`, `run_with_cache`, `hooks()`, `add_hook`, `reset_hooks`,
-    `generate`, `embed_inputs`, `image_features` and `run_blocks`: concurrent calls run one at a time,
-    each with only its own hooks and cache. Hooks kept after a call (`add_hook`, `reset_hooks_end=False`)
-    are model state that every later call sees. Other threads wait while a `with model.hooks():` block
-    runs, so do not wait there on threads that use the model. Hold `model.lock` to call submodules
-    directly from several threads; give each thread its own model for throughput.
-
-    Hook returns: a forward hook returns None or a tensor of its input's shape and dtype; anything else
-    raises a ValueError naming the hook. To broadcast on purpose, use `with model.allow_broadcasting_hooks():`.
+    Threads: one model may be shared; every hooked call holds the model's lock, so concurrent calls
+    run one at a time, each with only its own hooks and cache (see `hooked_llava.locking`). A forward
+    hook must return None or a tensor of its input's shape and dtype, except inside
+    `with model.allow_broadcasting_hooks():`.
 
     Example:
         >>> model = HookedLlava.from_pretrained("shapes-llava")
@@ -101,38 +96,50 @@ class HookedLlava(LockingMixin, LoadingMixin, TokensMixin, WeightsMixin, Generat
         *,
         image_sizes: Any = None,
         return_type: ReturnType = "logits",
+        loss_per_token: bool = False,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
         residual: Tensor | None = None,
+        tokens: Tensor | LlavaInputs | None = None,
+        shortformer_pos_embed: Tensor | None = None,
         position_ids: Tensor | None = None,
     ) -> Any:
         """Run the model.
 
         Args:
             input: a `LlavaInputs` from `prepare`, token ids `[batch, pos]` (with
-                `pixel_values` when they hold `<image>` placeholders), or text.
+                `pixel_values` when they hold `<image>` placeholders), text, or, with
+                `start_at_layer`, the residual `[batch, pos, d_model]` entering that block.
             pixel_values: `[n_images, channels, height, width]`, HF-style.
             attention_mask: `[batch, pos]`, 1 for real tokens, 0 for padding (left or right).
             image_sizes: LLaVA-NeXT only, each image's original `(height, width)`.
-            return_type: "logits", "loss" (mean next-token loss over real tokens), "both" or None.
-            start_at_layer: begin at this block with `residual` as its `resid_pre`.
+            return_type: "logits", "loss" (mean next-token loss, see `loss_fn`), "both" or None.
+            loss_per_token: return the loss per prediction, `[batch, pos-1]`, as TransformerLens.
+            prepend_bos, padding_side: how text input is tokenised (see `to_tokens`).
+            start_at_layer: begin at this block, from the residual given as `input` (the token ids
+                or `LlavaInputs` that set its mask, positions and loss then go in `tokens=`;
+                without them positions follow `attention_mask`, or count from 0) or as `residual=`
+                (with the tokens or inputs as `input`).
             stop_at_layer: return the residual stream before this block instead of logits.
+            shortformer_pos_embed: TransformerLens' argument; always None for LLaVA (rotary).
         """
-        inputs = self.as_inputs(input, pixel_values, attention_mask, image_sizes)
-        mask2d = inputs.attention_mask
+        if shortformer_pos_embed is not None:
+            raise ValueError("LLaVA has rotary positions, so there is no shortformer_pos_embed; pass None.")
+        entry = dict(pixel_values=pixel_values, attention_mask=attention_mask, image_sizes=image_sizes)
+        x, inputs, scored = self._entry(
+            input, start_at_layer, residual, tokens, **entry, prepend_bos=prepend_bos, padding_side=padding_side
+        )
         if position_ids is None:
             position_ids = inputs.position_ids()
-        if start_at_layer is None:
-            x = self.embed_inputs(inputs)
-        elif residual is None:
-            raise ValueError("start_at_layer needs the residual stream to start from: pass `residual=`.")
-        else:
-            x = residual
-        x, _ = self.run_blocks(x, mask2d, position_ids, start_at_layer or 0, stop_at_layer)
+        x, _ = self.run_blocks(x, inputs.attention_mask, position_ids, start_at_layer or 0, stop_at_layer)
         if stop_at_layer is not None:
             return x
         logits = self.unembed(self.ln_final(x))
-        return self._output(logits, inputs, return_type)
+        if return_type in ("loss", "both") and not scored:
+            raise ValueError("a loss needs the tokens the residual came from: pass tokens= (ids or LlavaInputs).")
+        return self._output(logits, inputs, return_type, loss_per_token)
 
     @locked
     def embed_inputs(self, inputs: LlavaInputs) -> Float[Tensor, "batch pos d_model"]:
@@ -229,34 +236,36 @@ class HookedLlava(LockingMixin, LoadingMixin, TokensMixin, WeightsMixin, Generat
     def unembed(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
         return F.linear(x, self.w_u)
 
-    def _output(self, logits: Tensor, inputs: LlavaInputs, return_type: ReturnType) -> Any:
+    def _output(self, logits: Tensor, inputs: LlavaInputs, return_type: ReturnType, per_token: bool = False) -> Any:
         if return_type is None:
             return None
         if return_type == "logits":
             return logits
-        loss = self.loss(logits, inputs)
+        loss = self.loss_fn(logits, inputs, per_token=per_token)
         return loss if return_type == "loss" else (logits, loss)
-
-    @staticmethod
-    def loss(logits: Tensor, inputs: LlavaInputs) -> Tensor:
-        """Mean next-token cross-entropy over real (unpadded) target positions."""
-        targets = inputs.input_ids[:, 1:]
-        keep = inputs.attention_mask[:, 1:].bool() & ~inputs.image_mask[:, 1:]
-        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, reduction="none")
-        return losses[keep].mean()
 
     # --- inputs ---------------------------------------------------------------------------
     def as_inputs(
-        self, input: Any, pixel_values: Any = None, attention_mask: Tensor | None = None, image_sizes: Any = None
+        self,
+        input: Any,
+        pixel_values: Any = None,
+        attention_mask: Tensor | None = None,
+        image_sizes: Any = None,
+        *,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
     ) -> LlavaInputs:
-        """Coerce whatever `forward` was given into a validated `LlavaInputs` on the model's device."""
+        """Coerce whatever `forward` was given into a validated `LlavaInputs` on the model's device
+        (text is tokenised with `prepend_bos` and `padding_side`, its padding masked)."""
         if isinstance(input, LlavaInputs):
             if pixel_values is not None or attention_mask is not None or image_sizes is not None:
                 raise ValueError("pass pixel_values/attention_mask inside the LlavaInputs, not beside it.")
             inputs = input
         else:
             if isinstance(input, (str, list)) and (not isinstance(input, list) or isinstance(input[0], str)):
-                input = self.to_tokens(input)
+                if attention_mask is not None:
+                    raise ValueError("text is tokenised here, which makes its attention mask: drop attention_mask.")
+                input, attention_mask = self.tokenize(input, prepend_bos, padding_side)
             inputs = self.prepare(
                 input_ids=input, pixel_values=pixel_values, attention_mask=attention_mask, image_sizes=image_sizes
             )

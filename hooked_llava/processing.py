@@ -12,6 +12,7 @@ from torch import Tensor
 from . import checks
 from . import next as next_
 from .inputs import LlavaInputs
+from .prompts import check_known_words
 
 if TYPE_CHECKING:
     from .model import HookedLlava
@@ -100,6 +101,15 @@ def _array_to_byte_range(image: Any, index: int) -> Any:
     return image * 255 if hi <= 1 else image
 
 
+def _no_images(model: HookedLlava, images: Any) -> None:
+    """A text-only model takes no images: say so instead of failing inside the tokenizer."""
+    if images is not None:
+        raise ValueError(
+            f"this is a text-only model ({model.cfg.original_architecture}, no vision tower) and takes no images: "
+            "leave images out (describe the scene in the prompt), or load a LLaVA checkpoint."
+        )
+
+
 def _question_mask(
     offsets: Tensor, prompts: list[str], spans: list[tuple[int, int] | None], image_token: str, counts: list[int]
 ) -> Tensor:
@@ -126,6 +136,22 @@ def _crop(image_processor: Any) -> tuple[int, int] | None:
     return (int(shortest), int(side)) if shortest and side else None
 
 
+def _tokenize(processor: Any, images: list[Any] | None, prompts: list[str], spans: list, padding_side: str) -> Any:
+    """The processor's (or, for a text-only model, the tokenizer's) encoding, with offsets; unknown words raise."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    side, tokenizer.padding_side = tokenizer.padding_side, padding_side
+    kwargs = {"return_tensors": "pt", "padding": True, "return_offsets_mapping": True}
+    try:
+        if tokenizer is processor:
+            out = tokenizer(prompts, **kwargs)
+        else:
+            out = processor(images=images, text=prompts, **kwargs)
+    finally:
+        tokenizer.padding_side = side
+    check_known_words(tokenizer, prompts, spans, out["input_ids"], out["attention_mask"])
+    return out
+
+
 def encode(
     model: HookedLlava,
     images: Any,
@@ -141,22 +167,21 @@ def encode(
             "this model has no processor: load it from a directory that holds the processor files, pass "
             "`processor=` to from_pretrained/from_hf, or tokenise yourself and call prepare(input_ids=...)."
         )
-    image_token = getattr(processor, "image_token", "<image>")
-    image_list = _images(images, prompts, image_token)
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    if model.vision is None:
+        _no_images(model, images)
+    image_list = None if model.vision is None else _images(images, prompts, image_token)
     if boxes is not None and len(boxes) != len(prompts):
         raise ValueError(f"boxes must hold one list of boxes per prompt: got {len(boxes)} for {len(prompts)} prompts.")
-    tokenizer = processor.tokenizer
-    side, tokenizer.padding_side = tokenizer.padding_side, padding_side
-    try:
-        out = processor(images=image_list, text=prompts, return_tensors="pt", padding=True, return_offsets_mapping=True)
-    finally:
-        tokenizer.padding_side = side
+    out = _tokenize(processor, image_list, prompts, spans, padding_side)
     sizes = [(im.height, im.width) if hasattr(im, "height") else tuple(im.shape[-2:]) for im in image_list or []]
     if "image_sizes" in out:  # LLaVA-NeXT processors report them
         sizes = [tuple(int(v) for v in s) for s in out["image_sizes"].tolist()]
     counts = [model.vision.cfg.n_image_tokens if model.vision is not None else 0] * len(sizes)
     if model.cfgs.pinpoints is not None:  # LLaVA-NeXT: the count depends on each image's size
         counts = [lay.n_tokens for lay in model.layouts(sizes)]
+    if model.vision is None:  # a text-only model: a placeholder in its prompt stays one token
+        counts = [1] * sum(p.count(image_token) for p in prompts)
     question = _question_mask(out["offset_mapping"], prompts, spans, image_token, counts)
     return wrap_ids(
         model,

@@ -182,3 +182,14 @@ def test_shapes_model_head_scan():
     answer = model.to_single_token(example.answer)
     scan = head_ablation_scan(model, inputs, lambda lg: lg[0, -1, answer], progress=False)
     assert scan.shape == (model.cfg.n_layers, model.cfg.n_heads) and torch.isfinite(scan).all()
+
+
+def test_bad_head_indices_name_the_valid_range(pair, padded):
+    model, _ = pair
+    with pytest.raises(IndexError, match=r"head '0_4': head 4 is out of range: valid heads are 0\.\.3"):
+        ablate_heads(model, padded, "0_4")
+    with pytest.raises(IndexError, match=r"head \(3, 0\): layer 3 is out of range: valid layers are 0\.\.2"):
+        ablate_heads(model, padded, [(3, 0)])
+    assert parse_heads([(-1, -1)], 3, 4) == {2: [3]}  # negative indices count from the end, within range
+    with pytest.raises(ValueError, match=r"heads_per_batch must be in 1 or more, got 0"):
+        head_ablation_scan(model, padded, lambda lg: lg[:, -1, 0].mean(), heads_per_batch=0, progress=False)

@@ -313,3 +313,90 @@ def test_shapes_llava_attributions():
         logits = model(inputs)[torch.arange(len(examples)), inputs.last]
     expected = logits[torch.arange(len(examples)), [model.to_single_token(a) for a in answers]]
     assert_close(torch.tensor(dla.groupby("batch").attribution.sum().to_numpy()), expected, rtol=1e-3, atol=1e-3)
+
+
+def frozen_scores_by_hand(model, x, v, final, y):
+    """Study A's score in float64 from the model's own weights: log P(x + v)[y] − log P(x)[y]."""
+    g, W_U = model.ln_final.w.double(), model.W_U.double()
+    scale = (final.double().pow(2).mean(-1) + model.ln_final.eps).sqrt()
+    x, v = x.double(), v.double()
+    return ((g * (x + v) / scale) @ W_U).log_softmax(-1)[y] - ((g * x / scale) @ W_U).log_softmax(-1)[y]
+
+
+def layer_scores_by_hand(model, inputs):
+    """Attention-layer scores of every row, in float64, from the same last-position activations the
+    analysis collects (two forward passes can differ by float32 rounding, which would hide the readout's)."""
+    from analyses.attribution import run_at_last
+
+    n = model.cfg.n_layers
+    names = [f"blocks.{i}.{h}" for i in range(n) for h in ("hook_resid_pre", "hook_attn_out")]
+    with torch.no_grad():
+        acts = run_at_last(model, inputs, names)
+        final = acts[f"blocks.{n - 1}.hook_resid_post"]
+        y = (model.ln_final(final[:, None]) @ model.W_U)[:, 0].argmax(-1)
+        scores = [
+            [
+                frozen_scores_by_hand(
+                    model, acts[f"blocks.{i}.hook_resid_pre"][b], acts[f"blocks.{i}.hook_attn_out"][b], final[b], y[b]
+                )
+                for i in range(n)
+            ]  # fmt: skip
+            for b in range(len(inputs))
+        ]
+    return torch.tensor([[float(v) for v in row] for row in scores], dtype=torch.float64)
+
+
+def attn_scores(table):
+    attn = table[table.component == "attn"].sort_values(["batch", "layer"])
+    return torch.tensor(attn.score.to_numpy()).reshape(2, -1)
+
+
+def test_float64_model_reads_out_in_float64(setup):
+    """A float64 model's scores equal an independent float64 computation to ~1e-12 (no cast to float32)."""
+    import copy
+
+    from hooked_llava import HookedLlava
+    from hooked_llava.testing import tiny_processor
+
+    _, hf, inputs, _ = setup
+    model64 = HookedLlava.from_hf(copy.deepcopy(hf).double(), tiny_processor())
+    heads = log_prob_increase(model64, inputs, unit="head")
+    assert heads.dtype == torch.float64
+    got, want = attn_scores(log_prob_increase(model64, inputs, unit="layer")), layer_scores_by_hand(model64, inputs)
+    assert_close(got, want, atol=1e-12, rtol=0)
+
+
+def test_float64_readout_on_a_float32_model_resolves_tiny_differences(setup):
+    """dtype=float64 on a float32 model: scores equal the float64 hand formula to ~1e-12, where the
+    default float32 readout is off by float32 rounding (> 1e-9 somewhere)."""
+    model, _, inputs, _ = setup
+    want = layer_scores_by_hand(model, inputs)
+    got64 = attn_scores(log_prob_increase(model, inputs, unit="layer", dtype=torch.float64))
+    assert_close(got64, want, atol=1e-12, rtol=0)
+    got32 = attn_scores(log_prob_increase(model, inputs, unit="layer"))
+    assert (got32 - want).abs().max() > 1e-9  # float32 cannot resolve below ~1e-7 nats
+    heads = log_prob_increase(model, inputs, unit="head", dtype=torch.float64)
+    assert heads.dtype == torch.float64 and log_prob_increase(model, inputs, unit="head").dtype == torch.float32
+    positions = log_prob_increase(model, inputs, unit="position", head=(1, 3), dtype=torch.float64)
+    assert (positions[1][~inputs.attention_mask[1].bool()] == 0).all()
+
+
+def test_bad_indices_and_unknown_words_raise(setup):
+    model, _, inputs, _ = setup
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    with pytest.raises(IndexError, match=rf"layer {n_layers} is out of range: valid layers are 0\.\.{n_layers - 1}"):
+        log_prob_increase(model, inputs, unit="position", head=(n_layers, 0))
+    with pytest.raises(IndexError, match=rf"head -{n_heads + 1} is out of range: valid heads are 0\.\.{n_heads - 1}"):
+        log_prob_increase(model, inputs, unit="position", head=(0, -(n_heads + 1)))
+    assert_close(
+        log_prob_increase(model, inputs, unit="position", head=(-1, -1)),
+        log_prob_increase(model, inputs, unit="position", head=(n_layers - 1, n_heads - 1)),
+    )
+    with pytest.raises(IndexError, match=rf"token id {model.cfg.d_vocab} is out of range"):
+        log_prob_increase(model, inputs, target=model.cfg.d_vocab)
+    with pytest.raises(ValueError, match=r"'Red' is not in the vocabulary .*Did you mean: 'red'"):
+        log_prob_increase(model, inputs, target="Red")
+    with pytest.raises(ValueError, match=r"k must be in 1 or more, got 0"):
+        top_heads(log_prob_increase(model, inputs), k=0)
+    with pytest.raises(ValueError, match=r"chunk_size must be in 1 or more, got 0"):
+        log_prob_increase(model, inputs, chunk_size=0)

@@ -180,3 +180,16 @@ def test_shapes_llava_image_tokens_in_vocabulary_space():
     assert table.row.between(0, inputs.grid_size - 1).all() and table.col.between(0, inputs.grid_size - 1).all()
     related = mrr(model, inputs, example.answer, positions="related")
     assert 0 < related.mrr.iloc[0] <= 1 and related.n_positions.iloc[0] == int(inputs.mask("related").sum())
+
+
+def test_bad_indices_and_unknown_words_raise(setup):
+    model, _, inputs = setup
+    seq, d_vocab = inputs.input_ids.shape[1], model.cfg.d_vocab
+    with pytest.raises(ValueError, match=rf"k must be in 1\.\.{d_vocab}, got 0"):
+        embedding_projection(model, inputs, k=0)
+    with pytest.raises(IndexError, match=rf"position {seq} is out of range: the sequence has positions 0\.\.{seq - 1}"):
+        mrr(model, inputs, "red", positions=[seq])
+    with pytest.raises(IndexError, match=rf"token id {d_vocab} is out of range"):
+        mrr(model, inputs, d_vocab)
+    with pytest.raises(ValueError, match=r"'Red' is not in the vocabulary"):
+        mrr(model, inputs, "Red")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import PROMPTS
 
@@ -52,7 +53,10 @@ def test_questions_argument_and_study_b_prompt(tiny, images):
     model, _ = tiny
     a = model.prepare(images=images[:1], questions=["Is the circle red or blue?"])
     assert _words(model, a, 0, "question") == ["Is", "the", "circle", "red", "or", "blue", "?"]
-    b = model.prepare(images=images[:1], prompts=[STUDY_B])
+    with pytest.warns(
+        UserWarning, match="outside the question"
+    ):  # the system prompt's words are not in the toy vocabulary
+        b = model.prepare(images=images[:1], prompts=[STUDY_B])
     assert _words(model, b, 0, "question") == ["Is", "the", "circle", "red", "or", "blue", "?"]
 
 
@@ -87,3 +91,132 @@ def test_hf_style_call_equals_inputs_call(tiny, batch):
         )
     assert torch.equal(a, b)
     assert "blocks.0.attn.hook_pattern" in cache
+
+
+# --- questions through the model's chat template ------------------------------------------------
+# A LLaVA-1.5-hf style template: the image, then the text and a space, then the assistant turn.
+HF_STYLE = (
+    "{% for m in messages %}{{ m['role'].upper() + ': ' }}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}{{ '<image>\\n' }}{% else %}{{ c['text'] + ' ' }}{% endif %}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chatty(tiny):
+    """The tiny model with a processor that carries a chat template."""
+    from hooked_llava import HookedLlava
+    from hooked_llava.testing import tiny_processor
+
+    processor = tiny_processor()
+    processor.chat_template = HF_STYLE
+    return HookedLlava.from_hf(tiny[1], processor)
+
+
+def test_questions_use_the_chat_template_when_there_is_one(chatty, images):
+    q = "Is the circle red or blue?"
+    inputs = chatty.prepare(images=images[:1], questions=[q])
+    assert inputs.texts == [f"USER: <image>\n{q} ASSISTANT:"]
+    assert _words(chatty, inputs, 0, "question") == ["Is", "the", "circle", "red", "or", "blue", "?"]
+    assert _words(chatty, inputs, 0, "template") == ["<s>", "USER", ":", "ASSISTANT", ":"]
+
+
+def test_an_explicit_template_wins_and_the_default_is_llava15(tiny, chatty, images):
+    q = "Is the circle red or blue?"
+    explicit = chatty.prepare(images=images[:1], questions=[q], template="USER: <image>\n{question}\nASSISTANT:")
+    fallback = tiny[0].prepare(images=images[:1], questions=[q])  # the tiny processor has no chat template
+    assert explicit.texts == fallback.texts == [f"USER: <image>\n{q}\nASSISTANT:"]
+    assert torch.equal(explicit.input_ids, fallback.input_ids)
+    assert torch.equal(explicit.question_mask, fallback.question_mask)
+
+
+def test_a_template_that_rewrites_the_question_is_a_clear_error(tiny, images):
+    from hooked_llava import HookedLlava
+    from hooked_llava.testing import tiny_processor
+
+    processor = tiny_processor()
+    processor.chat_template = "USER: <image>\n{{ messages[0]['content'][1]['text'] | upper }}\nASSISTANT:"
+    model = HookedLlava.from_hf(tiny[1], processor)
+    with pytest.raises(ValueError, match=r"does not contain the question 'what is this\?' verbatim.*template="):
+        model.prepare(images=images[:1], questions=["what is this?"])
+
+
+def test_one_image_per_question(tiny, images):
+    with pytest.raises(ValueError, match=r"got 2 image\(s\) for 1 question\(s\): give one image per question"):
+        tiny[0].prepare(images=images, questions=["What is this?"])
+
+
+# --- words the tokenizer does not know ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def strict(tiny):
+    """The tiny model with a tokenizer that raises on unknown words, as real tokenizers do by default."""
+    from hooked_llava import HookedLlava
+    from hooked_llava.testing import tiny_processor
+
+    processor = tiny_processor()
+    del processor.tokenizer.unknown_words  # the tiny tokenizer only warns
+    return HookedLlava.from_hf(tiny[1], processor)
+
+
+def test_an_unknown_word_in_the_question_is_named_with_the_known_words(strict, images):
+    with pytest.raises(ValueError, match=r"does not know: 'dog'; .*Its 36 known words are: , \. : \? ASSISTANT") as e:
+        strict.prepare(images=images[:1], questions=["What is the color of the dog?"])
+    assert "did you mean" not in str(e.value)
+    with pytest.raises(ValueError, match=r"does not know: 'Red' \(did you mean 'red'\?\)"):
+        strict.prepare(images=images[:1], prompts=["USER: <image>\nIs the circle Red or blue?\nASSISTANT:"])
+
+
+def test_a_tokenizer_can_ask_for_a_warning_instead(tiny, images):
+    with pytest.warns(UserWarning, match=r"^the prompt holds word\(s\) this tokenizer does not know: 'it';"):
+        inputs = tiny[0].prepare(images=images[:1], questions=["Is it red?"])
+    assert _words(tiny[0], inputs, 0, "question") == ["Is", "<unk>", "red", "?"]
+
+
+def test_unknown_words_outside_the_question_only_warn(strict, images):
+    with pytest.warns(
+        UserWarning, match=r"outside the question, .*'chat' \(did you mean 'What'\?\), 'between', 'curious'"
+    ):
+        inputs = strict.prepare(images=images[:1], prompts=[STUDY_B])
+    assert _words(strict, inputs, 0, "question") == ["Is", "the", "circle", "red", "or", "blue", "?"]
+
+
+def test_a_large_vocabulary_is_not_listed():
+    from hooked_llava.prompts import unknown_words_message
+
+    class Big:
+        all_special_tokens = ["<unk>"]
+
+        def get_vocab(self):
+            return {f"w{i}": i for i in range(1000)} | {"<unk>": 1000}
+
+    message = unknown_words_message(Big(), ["w10x"])
+    assert message.endswith("See model.tokenizer.get_vocab() for its 1000 known tokens.")
+    assert "'w10x' (did you mean 'w10'" in message
+
+
+# --- a text-only model ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shapes_lm():
+    from hooked_llava import HookedLlava
+
+    return HookedLlava.from_pretrained("shapes-lm")
+
+
+def test_a_text_only_model_takes_prompts_and_questions(shapes_lm):
+    from hooked_llava.shapes import ShapesWorld
+
+    ex = ShapesWorld(seed=0).example(0, "Colour")
+    inputs = shapes_lm.prepare(prompts=[ex.text_prompt, "USER: Describe the image.\nASSISTANT:"])
+    expected = shapes_lm.tokenizer(ex.text_prompt)["input_ids"]
+    assert inputs.input_ids[0].tolist() == expected  # left padding: the longer row has none
+    assert _words(shapes_lm, inputs, 0, "question") == ex.question.replace("?", " ?").split()
+    assert _words(shapes_lm, inputs, 1, "question") == ["Describe", "the", "image", "."]
+    asked = shapes_lm.prepare(questions=[ex.question])
+    assert asked.texts == [f"USER: {ex.question}\nASSISTANT:{ex.answer_prefix}"]  # shapes-lm's chat template
+    assert _words(shapes_lm, asked, 0, "question") == ex.question.replace("?", " ?").split()
+    assert not asked.mask("image").any()
+
+
+def test_a_text_only_model_refuses_images(shapes_lm, images):
+    with pytest.raises(ValueError, match=r"text-only model \(LlamaForCausalLM, no vision tower\) and takes no images"):
+        shapes_lm.prepare(images=images[:1], questions=["What is the color of the cross?"])

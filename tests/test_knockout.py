@@ -11,6 +11,7 @@ import torch
 from torch.testing import assert_close
 
 from analyses.knockout import (
+    flow_mask,
     knockout,
     knockout_sweep,
     resolve_flows,
@@ -123,12 +124,27 @@ def test_window_layers_clip_at_the_ends():
     assert list(window_layers(3, 12, window=3)) == [2, 3, 4]
 
 
+def test_even_windows_are_placed_as_in_the_study_code():
+    """Study B's code blocks range(max(0, l - w//2), min(L, l - (-w//2))): w//2 layers before l,
+    w//2 - 1 after for an even w. Hand-computed for L = 12."""
+    assert list(window_layers(5, 12, window=4)) == [3, 4, 5, 6]  # l-2 .. l+1, not l-1 .. l+2
+    assert list(window_layers(5, 12, window=2)) == [4, 5]
+    assert list(window_layers(0, 12, window=4)) == [0, 1]
+    assert list(window_layers(11, 12, window=4)) == [9, 10, 11]
+    assert list(window_layers(5, 12, window=1)) == [5]
+    assert list(window_layers(-1, 12, window=3)) == [10, 11]  # -1 is the last layer
+    with pytest.raises(ValueError, match=r"window must be in 1 or more, got 0"):
+        window_layers(5, 12, window=0)
+    with pytest.raises(IndexError, match=r"layer 12 is out of range: valid layers are 0\.\.11"):
+        window_layers(12, 12)
+
+
 def test_sweep_equals_separate_configurations(deep, padded):
     model, _ = deep
     # "image->text" has target queries from position 0 on (nothing to reuse before them).
     flows = ["image->question", "related->question", ("question", "last"), "image->text"]
     df = knockout_sweep(model, padded, flows, window=9, batch_size=7, progress=False)
-    assert list(df.columns) == ["flow", "layer", "example", "p_base", "p_blocked", "rel_change"]
+    assert list(df.columns) == ["flow", "layer", "example", "p_base", "p_blocked", "rel_change", "delta_log_prob"]
     assert len(df) == 4 * 12 * 2
     rows = torch.arange(2)
     with torch.no_grad():
@@ -232,3 +248,68 @@ def test_shapes_model_sweep():
     df = knockout_sweep(model, inputs, ["image->last", "related->question"], progress=False)
     assert len(df) == 2 * model.cfg.n_layers * 2 and df.p_blocked.notna().all()
     assert (df.p_base > 0).all()
+
+
+def test_delta_log_prob_matches_hf_hand_masks(deep, padded):
+    """`delta_log_prob` = log p_blocked − log p_base, against HF runs with hand-built masks, in float64."""
+    model, hf = deep
+    image, last = independent_sets(padded, hf.config.image_token_id)
+    df = knockout_sweep(model, padded, "image->last", window=4, progress=False)
+    with torch.no_grad():
+        base = hf(input_ids=padded.input_ids, attention_mask=padded.attention_mask, pixel_values=padded.pixel_values,
+                  position_ids=(padded.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1].double()  # fmt: skip
+    answer = base.argmax(-1)
+    for layer in (0, 5, 11):
+        blocked = hf_knockout(hf, padded, last, image, range(max(0, layer - 2), min(12, layer + 2)))[:, -1].double()
+        want = blocked.log_softmax(-1)[torch.arange(2), answer] - base.log_softmax(-1)[torch.arange(2), answer]
+        got = col(df[df.layer == layer].sort_values("example").delta_log_prob)
+        assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert df.delta_log_prob.abs().max() > 1e-3  # the knockouts change something
+    # The same change in nats as the relative change, where both are well resolved.
+    assert_close(col(df.delta_log_prob), torch.log1p(col(df.rel_change) / 100), atol=1e-5, rtol=1e-4)
+
+
+def test_pil_box_rule_is_one_pixel_wider(deep, padded):
+    """box_rule="pil" equals the default rule on boxes widened by one pixel by hand."""
+    from hooked_llava.geometry import box_to_patches
+    from hooked_llava.testing import random_images
+
+    # 48x64 image, crop 32: resized to 32x42, 5 columns cut on the left; x = 19 * 42/64 - 5 = 7.47 < 8.
+    assert box_to_patches((12, 0, 19, 8), (48, 64), (32, 32), 8) == {(0, 0)}
+    assert box_to_patches((12, 0, 19, 8), (48, 64), (32, 32), 8, box_rule="pil") == {(0, 0), (0, 1)}
+    model, _ = deep
+    boxes = [[(0, 0, 8, 8)], [(8, 16, 16, 24), (0, 0, 3, 3)]]  # on the 8-pixel patch edges of a 32x32 image
+    inputs = model.prepare(images=random_images(2, seed=4), questions=QUESTIONS, boxes=boxes)
+    wider = [[(x0, y0, x1 + 1, y1 + 1) for x0, y0, x1, y1 in row] for row in boxes]
+    by_hand = model.prepare(images=random_images(2, seed=4), questions=QUESTIONS, boxes=wider).mask("related")
+    assert torch.equal(flow_mask(inputs, "related", box_rule="pil"), by_hand)
+    assert by_hand.sum(1).tolist() == [4, 4 + 1] and inputs.mask("related").sum(1).tolist() == [1, 1 + 1]
+    assert torch.equal(flow_mask(inputs, "other", box_rule="pil"), inputs.image_mask & ~by_hand)
+    pil = knockout_sweep(model, inputs, "related->question", box_rule="pil", progress=False)
+    explicit = knockout_sweep(model, inputs, {"related->question": (by_hand, "question")}, progress=False)
+    assert_close(col(pil.p_blocked), col(explicit.p_blocked), atol=0, rtol=0)
+
+
+def test_bad_indices_name_the_valid_range(deep, padded):
+    model, _ = deep
+    n = padded.input_ids.shape[1]
+    with pytest.raises(IndexError, match=rf"position 1000 is out of range: the sequence has positions 0\.\.{n - 1}"):
+        knockout(model, padded, [1000], "last", layers=[0])
+    with pytest.raises(IndexError, match=rf"position -{n + 1} is out of range"):
+        knockout(model, padded, "image", [-(n + 1)], layers=[0])
+    with pytest.raises(IndexError, match=r"layer 12 is out of range: valid layers are 0\.\.11 \(or -12\.\.-1"):
+        knockout(model, padded, "image", "last", layers=[12])
+    with pytest.raises(IndexError, match=r"layer -13 is out of range"):
+        knockout(model, padded, "image", "last", layers=-13)
+    with torch.no_grad():  # in range, negative layers and positions count from the end
+        assert_close(knockout(model, padded, "image", [-1], layers=[-1]), knockout(model, padded, "image", "last", 11))
+    with pytest.raises(ValueError, match=r"window must be in 1 or more, got 0"):
+        knockout_sweep(model, padded, "image->last", window=0, progress=False)
+    with pytest.raises(ValueError, match=r"batch_size must be in 1 or more, got 0"):
+        knockout_sweep(model, padded, "image->last", batch_size=0, progress=False)
+    with pytest.raises(
+        IndexError, match=rf"token id {10**6} is out of range: the vocabulary has ids 0\.\.{model.cfg.d_vocab - 1}"
+    ):
+        knockout_sweep(model, padded, "image->last", answer=10**6, progress=False)
+    with pytest.raises(IndexError, match=rf"position {n} is out of range"):
+        knockout_sweep(model, padded, {"x": ([n], "last")}, progress=False)

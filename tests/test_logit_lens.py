@@ -213,3 +213,52 @@ def test_shapes_llava_answer_emerges_in_the_logit_lens():
     best = table.groupby(["batch", "layer"])["rank"].min().unstack()
     # A trained model puts the answer far higher at the end than at the embedding.
     assert (best[model.cfg.n_layers] < best[0]).mean() >= 0.75
+
+
+def test_out_of_range_layers_positions_and_k_raise(setup):
+    """No argument wraps around: layers [100] / [-20] and position 1000 used to read layer 1, 7 and 65."""
+    model, _, inputs = setup
+    n, seq = model.cfg.n_layers, inputs.input_ids.shape[1]
+    for layers, bad in (([100], 100), ([-20], -20), ([n + 1], n + 1), ([-(n + 2)], -(n + 2))):
+        with pytest.raises(IndexError, match=rf"layer {bad} is out of range: valid layers are 0\.\.{n} \(or -{n + 1}"):
+            logit_lens(model, inputs, layers=layers)
+    assert_close(logit_lens(model, inputs, layers=[-(n + 1)]), logit_lens(model, inputs, layers=[0]), rtol=0, atol=0)
+    for positions in ([1000], [-(seq + 1)], torch.tensor([[0], [seq]])):
+        with pytest.raises(IndexError, match=rf"is out of range: the sequence has positions 0\.\.{seq - 1}"):
+            logit_lens(model, inputs, positions=positions)
+    with pytest.raises(ValueError, match=r"a position mask must be \[pos\] or \[batch, pos\]"):
+        logit_lens(model, inputs, positions=torch.ones(2, seq + 1, dtype=torch.bool))
+    lens = logit_lens(model, inputs, layers=[0])
+    with pytest.raises(ValueError, match=rf"k must be in 1\.\.{model.cfg.d_vocab}, got 0"):
+        top_k_table(model, lens, k=0)
+    with pytest.raises(ValueError, match=rf"k must be in 1\.\.{model.cfg.d_vocab}, got {model.cfg.d_vocab + 1}"):
+        top_k_table(model, lens, k=model.cfg.d_vocab + 1)
+
+
+def test_unknown_words_raise_with_near_matches(setup):
+    model, _, _ = setup
+    with pytest.raises(
+        ValueError, match=r"'Red' is not in the vocabulary \(the tokenizer maps it to '<unk>'\)\. Did you mean: 'red'"
+    ):
+        model.to_single_token("Red")
+    with pytest.raises(
+        ValueError, match=r"no form of 'notaword' is a single token: 'notaword' is not in the vocabulary"
+    ):
+        word_forms(model, "notaword")
+    assert model.to_single_token("<unk>") == model.tokenizer.unk_token_id  # asking for <unk> itself is fine
+
+
+def test_shapes_llava_unknown_words_raise():
+    """On the shipped Shapes model: "Red" and "notaword" used to return the `<unk>` id."""
+    from hooked_llava.shapes import checkpoint_path
+
+    if not checkpoint_path("shapes-llava").is_dir():
+        pytest.skip("the shapes-llava checkpoint has not been built")
+    from hooked_llava import HookedLlava
+
+    model = HookedLlava.from_pretrained("shapes-llava")
+    with pytest.raises(ValueError, match=r"'Red' is not in the vocabulary .*Did you mean: 'red'"):
+        model.to_single_token("Red")
+    with pytest.raises(ValueError, match=r"'notaword' is not in the vocabulary .*Did you mean: 'not'"):
+        model.to_single_token("notaword")
+    assert word_forms(model, "Red") == {"red": model.to_single_token("red")}

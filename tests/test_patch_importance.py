@@ -219,3 +219,22 @@ def test_shapes_llava_maps_and_faithfulness():
     by_method = table.groupby("method")["prob_drop"].mean()
     # The causal reference's own top patches hurt the answer more than random ones.
     assert by_method["occlusion"] >= by_method["random"]
+
+
+def test_float64_readout_and_bad_indices(setup):
+    model, _, inputs = setup
+    heat32 = patch_importance(model, inputs)
+    heat64 = patch_importance(model, inputs, dtype=torch.float64)
+    assert heat32.dtype == torch.float32 and heat64.dtype == torch.float64
+    assert_close(heat64.float(), heat32, atol=1e-4, rtol=1e-3)
+    occ = patch_importance(model, inputs, "occlusion", dtype=torch.float64, progress=False)
+    assert occ.dtype == torch.float64
+    n, h, cells = model.cfg.n_layers, model.cfg.n_heads, inputs.grid_size**2
+    with pytest.raises(IndexError, match=rf"layer {n} is out of range: valid layers are 0\.\.{n - 1}"):
+        patch_importance(model, inputs, heads=[(n, 0)])
+    with pytest.raises(IndexError, match=rf"head {h} is out of range"):
+        patch_importance(model, inputs, heads=[(0, h)])
+    with pytest.raises(ValueError, match=rf"n_top_heads must be in 1\.\.{n * h}, got 0"):
+        patch_importance(model, inputs, n_top_heads=0)
+    with pytest.raises(ValueError, match=rf"k must be in 1\.\.{cells}, got {cells + 1}"):
+        faithfulness(model, inputs, {"lpi": heat32}, k=[cells + 1], progress=False)

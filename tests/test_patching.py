@@ -236,3 +236,23 @@ def test_shapes_model_colour_patching():
     assert torch.isfinite(out[:, clean.mask("image")[0]]).all() and torch.isfinite(est).all()
     with torch.no_grad():
         assert metric(model(clean)) > metric(model(corrupted))  # the model reads the colour
+
+
+def test_bad_indices_name_the_valid_range(model, scenes, metric):
+    clean, corrupted = scenes
+    seq = corrupted.shape[1]
+    with pytest.raises(IndexError, match=rf"position 1000 is out of range: the sequence has positions 0\.\.{seq - 1}"):
+        patch_residual(model, corrupted, clean, metric, positions=[1000], progress=False)
+    with pytest.raises(IndexError, match=r"layer 3 is out of range: valid layers are 0\.\.2 \(or -3\.\.-1"):
+        patch_residual(model, corrupted, clean, metric, layers=[3], positions="last", progress=False)
+    with pytest.raises(IndexError, match=rf"position {seq} is out of range"):
+        patch_groups(model, corrupted, clean, metric, {"x": [seq]}, progress=False)
+    with pytest.raises(ValueError, match=r"batch_size must be in 1 or more, got 0"):
+        patch_heads(model, corrupted, clean, metric, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match=rf"size must be in 1\.\.{corrupted.grid_size}, got 0"):
+        image_blocks(corrupted, 0)
+    # In range, negative layers and positions count from the end.
+    neg = patch_residual(model, corrupted, clean, metric, layers=[-1], positions=[-1], progress=False)
+    pos = patch_residual(model, corrupted, clean, metric, layers=[2], positions=[seq - 1], progress=False)
+    assert_close(neg, pos, equal_nan=True)
+    assert not torch.isnan(neg[2, seq - 1])

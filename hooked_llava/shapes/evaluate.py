@@ -56,12 +56,18 @@ def predict(
     return out
 
 
+def hits(predicted: Sequence[str], examples: Sequence[Example]) -> list[bool]:
+    """Whether each predicted next token (as the tokenizer spells it) is the example's one-word answer."""
+    if len(predicted) != len(examples):
+        raise ValueError(f"got {len(predicted)} predictions for {len(examples)} examples.")
+    return [p == e.answer for p, e in zip(predicted, examples)]
+
+
 def correct(model, processor, examples: Sequence[Example], visual: bool, batch_size: int = 128) -> list[bool]:
     """Whether the model's next token is the answer, for each example."""
     prompts = [e.prompt if visual else e.text_prompt for e in examples]
     images = [e.image for e in examples] if visual else None
-    preds = predict(model, processor, prompts, images, batch_size)
-    return [p == e.answer for p, e in zip(preds, examples)]
+    return hits(predict(model, processor, prompts, images, batch_size), examples)
 
 
 def accuracy_table(llava, lm, processor, examples: Sequence[Example]) -> pd.DataFrame:

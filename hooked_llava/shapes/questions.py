@@ -40,6 +40,10 @@ REL_SEPARATION = 12  # ChooseRel: minimum horizontal distance between the two ce
 SIDE_MARGIN = 10  # QueryAttr: minimum distance of the centre from the vertical midline, in pixels
 IMAGE_TOKEN = "<image>"
 CAPTION_QUESTION = "Describe the image."
+# Study A's colour question and the answer prefix the assistant's turn starts with (the chat
+# template in tokenizer.py adds it, so that prompts built from the question alone match).
+COLOUR_QUESTION = "What is the color of the {shape}?"
+COLOUR_ANSWER_PREFIX = " The color of the {shape} is"
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,8 @@ def _ordered(rng: np.random.Generator, true: str, false: str) -> tuple[str, str]
 
 def colour_question(o: ShapeObject) -> Question:
     """Study A's question: "What is the color of the circle?", answered after "The color of the circle is"."""
-    return Question(f"What is the color of the {o.shape}?", o.color, (o.shape,), (), f" The color of the {o.shape} is")
+    text, prefix = COLOUR_QUESTION.format(shape=o.shape), COLOUR_ANSWER_PREFIX.format(shape=o.shape)
+    return Question(text, o.color, (o.shape,), (), prefix)
 
 
 def _colour(objs: list[ShapeObject], rng: np.random.Generator, target: str | None, size: int) -> Question:

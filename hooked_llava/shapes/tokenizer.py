@@ -10,7 +10,7 @@ from __future__ import annotations
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
-from .questions import IMAGE_TOKEN
+from .questions import COLOUR_ANSWER_PREFIX, COLOUR_QUESTION, IMAGE_TOKEN
 from .world import COLORS, SHAPES
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
@@ -24,17 +24,29 @@ WORDS: tuple[str, ...] = (
 )  # fmt: skip
 VOCAB: tuple[str, ...] = SPECIAL_TOKENS + PUNCTUATION + WORDS + COLORS + SHAPES
 IMAGE_SIZE, PATCH_SIZE = 64, 8
-# Renders the LLaVA-1.5 prompt: "USER: <image>\n{text}\nASSISTANT: {answer}</s>..."
+_ASKED, _ENDS = COLOUR_QUESTION.split("{shape}")  # "What is the color of the ", "?"
+_SAID, _IS = COLOUR_ANSWER_PREFIX.split("{shape}")  # " The color of the ", " is"
+# After a user text that is the colour question, the assistant's turn starts with its answer prefix.
+_PREFIX = (
+    "{% set ns.prefix = '' %}"
+    f"{{% if text.startswith('{_ASKED}') and text.endswith('{_ENDS}') %}}"
+    f"{{% set ns.prefix = '{_SAID}' + text[{len(_ASKED)}:-{len(_ENDS)}] + '{_IS}' %}}"
+    "{% endif %}"
+)
+# Renders the LLaVA-1.5 prompt: "USER: <image>\n{text}\nASSISTANT:{answer prefix} {answer}</s>...",
+# the answer prefix being " The color of the X is" after "What is the color of the X?" and "" otherwise.
 CHAT_TEMPLATE = (
+    "{% set ns = namespace(prefix='') %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}{{ 'USER: ' }}"
     "{% for content in message['content'] if content['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
-    "{% for content in message['content'] if content['type'] == 'text' %}{{ content['text'] + '\n' }}{% endfor %}"
-    "{% else %}{{ 'ASSISTANT:' }}"
+    "{% for content in message['content'] if content['type'] == 'text' %}{{ content['text'] + '\n' }}"
+    "{% set text = content['text'] %}" + _PREFIX + "{% endfor %}"
+    "{% else %}{{ 'ASSISTANT:' + ns.prefix }}"
     "{% for content in message['content'] if content['type'] == 'text' %}{{ ' ' + content['text'] }}{% endfor %}"
-    "{{ '</s>' }}{% endif %}"
+    "{{ '</s>' }}{% set ns.prefix = '' %}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' + ns.prefix }}{% endif %}"
 )
 
 
@@ -67,6 +79,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         padding_side="left",
         model_max_length=512,
         clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE,
     )
 
 

@@ -1,0 +1,419 @@
+"""Issue 12, items 3, 6 (weights and config values) and 7: loading refuses what it cannot load unambiguously.
+
+Each test reproduces one finding of the reliability audit: a hub that never answers, local-looking
+paths sent to the hub, FIFOs, stray or duplicated weight files, index entries outside the folder,
+broken tokenizer files, a shipped name shadowing a local folder, non-finite weights, nonsense configs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hooked_llava import CheckpointError, HookedLlava
+from hooked_llava import resolve as resolve_module
+from hooked_llava.config import InvalidConfigError
+from hooked_llava.loading import read_checkpoint
+from hooked_llava.resolve import HUB_TIMEOUT_S, _within, hub_timeout, resolve
+
+HEAD = "language_model.lm_head.weight"
+
+
+@pytest.fixture(scope="module")
+def saved(tiny, tmp_path_factory):
+    """The tiny model saved by HF: an index and several shards, with its processor."""
+    model, hf = tiny
+    path = tmp_path_factory.mktemp("llava")
+    hf.save_pretrained(path, max_shard_size="20KB")
+    model.processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def state(saved):
+    return dict(read_checkpoint(saved))
+
+
+def _folder(saved: Path, path: Path, files: dict[str, dict[str, torch.Tensor]], index: dict | None = None) -> Path:
+    """`path` with the saved config.json and the given weight files (name -> tensors)."""
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(saved / "config.json", path / "config.json")
+    for name, tensors in files.items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path / name)
+    if index is not None:
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    return path
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(batch)
+
+
+# --- item 3: the hub, local-looking paths, FIFOs -------------------------------------------------
+
+
+@pytest.fixture
+def stalled_hub(monkeypatch):
+    """A TCP server on 127.0.0.1 that accepts connections and never answers; HF_ENDPOINT points at it."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setenv("HOOKED_LLAVA_HUB_TIMEOUT", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    yield accepted
+    server.close()
+    for conn in accepted:
+        conn.close()
+
+
+def test_a_hub_that_never_answers_gives_a_clear_error_instead_of_hanging(stalled_hub):
+    with pytest.raises(FileNotFoundError) as info:
+        HookedLlava.from_pretrained("someorg/some-llava")
+    message = str(info.value)
+    assert stalled_hub, "the request must have reached the stalled endpoint (HF_ENDPOINT honoured)"
+    assert "did not answer within 1 s" in message and "127.0.0.1" in message
+    assert "no local folder of that name exists" in message
+    assert "HF_HUB_OFFLINE" in message and "local directory" in message
+
+
+def test_the_default_hub_deadline_is_at_most_60_s_and_configurable(monkeypatch):
+    monkeypatch.delenv("HOOKED_LLAVA_HUB_TIMEOUT", raising=False)
+    assert 0 < hub_timeout() == HUB_TIMEOUT_S <= 60
+    monkeypatch.setenv("HOOKED_LLAVA_HUB_TIMEOUT", "2.5")
+    assert hub_timeout() == 2.5
+    monkeypatch.setenv("HOOKED_LLAVA_HUB_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="HOOKED_LLAVA_HUB_TIMEOUT='soon'"):
+        hub_timeout()
+
+
+def test_the_deadline_holds_even_if_the_hub_client_ignores_its_timeout():
+    never = threading.Event()
+    with pytest.raises(TimeoutError, match="no answer within 0.2 s"):
+        _within(0.2, never.wait)
+    assert _within(5.0, lambda x: x + 1, 1) == 2
+    with pytest.raises(KeyError):
+        _within(5.0, {}.__getitem__, "missing")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "./missing-model",
+        "../missing-model",
+        "~/missing-model-xyz",
+        "models/llava/v1",
+        "org/name/",
+        "weights.safetensors",
+        "org/model.json",
+        "C:\\models\\llava",
+        ".hidden-model",
+        "shapes-lava",
+    ],
+)
+def test_local_looking_paths_never_go_to_the_hub(name, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(resolve_module, "download", lambda repo: pytest.fail(f"{repo!r} was sent to the hub"))
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        HookedLlava.from_pretrained(name)
+
+
+def test_a_path_object_never_goes_to_the_hub(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(resolve_module, "download", lambda repo: pytest.fail(f"{repo!r} was sent to the hub"))
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        resolve(Path("someorg/some-llava"))
+
+
+def test_an_org_name_string_with_dots_goes_to_the_hub(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    asked = []
+    monkeypatch.setattr(resolve_module, "download", lambda repo: asked.append(repo) or tmp_path)
+    assert resolve("llava-hf/llava-1.5-7b-hf") == tmp_path and asked == ["llava-hf/llava-1.5-7b-hf"]
+
+
+def test_a_local_folder_wins_over_the_shipped_model_of_the_same_name(tiny, saved, monkeypatch, tmp_path, batch):
+    model, _ = tiny
+    shutil.copytree(saved, tmp_path / "shapes-llava")
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match="local folder .*shapes-llava, not the shipped model"):
+        loaded = HookedLlava.from_pretrained("shapes-llava")
+    assert loaded.cfg.d_model == model.cfg.d_model
+    assert torch.equal(_logits(loaded, batch), _logits(model, batch))
+
+
+def test_a_local_folder_without_config_says_the_shipped_model_was_not_used(monkeypatch, tmp_path):
+    (tmp_path / "shapes-llava").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning), pytest.raises(FileNotFoundError, match="no config.json.*shipped model"):
+        HookedLlava.from_pretrained("shapes-llava")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json"])
+def test_a_fifo_is_refused_instead_of_blocking(name, saved, state, tmp_path):
+    path = _folder(saved, tmp_path / "m", {"model.safetensors": state} if name != "model.safetensors" else {})
+    if name == "tokenizer.json":
+        (path / "tokenizer_config.json").write_text((saved / "tokenizer_config.json").read_text())
+    (path / name).unlink(missing_ok=True)
+    os.mkfifo(path / name)
+    with pytest.raises(CheckpointError, match=f"{name} is not a regular file"):
+        HookedLlava.from_pretrained(path)
+
+
+# --- item 7: which weight files are read ---------------------------------------------------------
+
+
+def test_a_stray_weight_file_beside_model_safetensors_is_ignored_with_a_warning(tiny, saved, state, tmp_path, batch):
+    model, _ = tiny
+    stray = {HEAD: torch.zeros_like(state[HEAD])}  # before the fix this silently replaced lm_head
+    path = _folder(saved, tmp_path, {"model.safetensors": state, "model_v2.safetensors": stray})
+    with pytest.warns(UserWarning, match="ignoring model_v2.safetensors"):
+        loaded = HookedLlava.from_pretrained(path, processor=model.processor)
+    assert torch.equal(loaded.W_U, model.W_U)
+    assert torch.equal(_logits(loaded, batch), _logits(model, batch))
+
+
+def _halves(state):
+    keys = sorted(state)
+    return {k: state[k] for k in keys[: len(keys) // 2]}, {k: state[k] for k in keys[len(keys) // 2 :]}
+
+
+def test_a_single_file_and_shards_without_an_index_are_ambiguous(saved, state, tmp_path):
+    first, second = _halves(state)
+    files = {"model.safetensors": state, "model-00001-of-00002.safetensors": first}
+    path = _folder(saved, tmp_path, {**files, "model-00002-of-00002.safetensors": second})
+    with pytest.raises(CheckpointError, match="more than one set of weights.*model.safetensors"):
+        HookedLlava.from_pretrained(path)
+
+
+def test_several_unconventional_weight_files_without_an_index_are_ambiguous(saved, state, tmp_path):
+    first, second = _halves(state)
+    path = _folder(saved, tmp_path, {"weights_a.safetensors": first, "weights_b.safetensors": second})
+    with pytest.raises(CheckpointError, match="several .safetensors files.*ambiguous"):
+        HookedLlava.from_pretrained(path)
+
+
+def test_a_missing_shard_is_an_error_that_names_it(saved, state, tmp_path):
+    first, _ = _halves(state)
+    path = _folder(saved, tmp_path, {"model-00001-of-00002.safetensors": first})
+    with pytest.raises(CheckpointError, match=r"lacks shard\(s\) \[2\]"):
+        HookedLlava.from_pretrained(path)
+
+
+def test_complete_shards_without_an_index_load(tiny, saved, state, tmp_path, batch):
+    model, _ = tiny
+    first, second = _halves(state)
+    files = {"model-00001-of-00002.safetensors": first, "model-00002-of-00002.safetensors": second}
+    loaded = HookedLlava.from_pretrained(_folder(saved, tmp_path, files), processor=model.processor)
+    assert torch.equal(_logits(loaded, batch), _logits(model, batch))
+
+
+def test_a_key_in_two_shards_is_an_error_naming_the_key_and_both_files(saved, state, tmp_path):
+    first, second = _halves(state)
+    second = {**second, HEAD: torch.zeros_like(state[HEAD])} if HEAD in first else {**first, HEAD: state[HEAD]}
+    files = {"model-00001-of-00002.safetensors": first, "model-00002-of-00002.safetensors": second}
+    path = _folder(saved, tmp_path, files)
+    with pytest.raises(CheckpointError, match=f"'{HEAD}' is in both model-00001-of-00002.safetensors and model-00002"):
+        HookedLlava.from_pretrained(path)
+
+
+def test_a_key_in_two_indexed_shards_is_an_error(saved, state, tmp_path):
+    first, second = _halves(state)
+    index = {k: "a.safetensors" for k in first} | {k: "b.safetensors" for k in second}
+    extra = next(iter(second))
+    path = _folder(saved, tmp_path, {"a.safetensors": {**first, extra: state[extra]}, "b.safetensors": second}, index)
+    with pytest.raises(CheckpointError, match=f"'{extra}' is in both a.safetensors and b.safetensors"):
+        HookedLlava.from_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    "target", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/../../outside.safetensors"]
+)
+def test_index_entries_outside_the_folder_are_refused(target, saved, state, tmp_path):
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "outside.safetensors")
+    path = _folder(saved, tmp_path / "model", {}, {k: target for k in state})
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        HookedLlava.from_pretrained(path)
+
+
+def test_an_index_that_misplaces_a_key_is_an_error(saved, state, tmp_path):
+    first, second = _halves(state)
+    moved = next(iter(second))
+    index = {k: "a.safetensors" for k in first} | {k: "b.safetensors" for k in second} | {moved: "a.safetensors"}
+    path = _folder(saved, tmp_path, {"a.safetensors": first, "b.safetensors": second}, index)
+    with pytest.raises(CheckpointError, match=f"places '{moved}' in a.safetensors, but it is in b.safetensors"):
+        HookedLlava.from_pretrained(path)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "processor_config.json"])
+def test_a_malformed_processor_file_is_an_error_naming_it_unless_a_processor_is_passed(name, tiny, saved, tmp_path):
+    model, _ = tiny
+    path = tmp_path / "m"
+    shutil.copytree(saved, path)
+    (path / name).write_text('{"truncated": ')
+    with pytest.raises(CheckpointError, match=f"{name} is not valid JSON"):
+        HookedLlava.from_pretrained(path)
+    assert HookedLlava.from_pretrained(path, processor=model.processor).processor is model.processor
+
+
+def test_processor_files_that_parse_but_do_not_load_are_an_error(tiny, saved, tmp_path):
+    model, _ = tiny
+    path = tmp_path / "m"
+    shutil.copytree(saved, path)
+    (path / "tokenizer.json").write_text('{"model": {"type": "NoSuchModel"}}')
+    with pytest.raises(CheckpointError, match="processor files in .* could not be loaded.*processor="):
+        HookedLlava.from_pretrained(path)
+
+
+def test_a_folder_without_processor_files_loads_with_no_processor(saved, state, tmp_path):
+    assert HookedLlava.from_pretrained(_folder(saved, tmp_path, {"model.safetensors": state})).processor is None
+
+
+def test_a_malformed_config_is_an_error_naming_it(saved, state, tmp_path):
+    path = _folder(saved, tmp_path, {"model.safetensors": state})
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        HookedLlava.from_pretrained(path)
+
+
+# --- item 6: non-finite weights and nonsense config values ---------------------------------------
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_an_error_naming_the_tensor(value, saved, state, tmp_path):
+    key = "language_model.model.layers.1.mlp.up_proj.weight"
+    bad = state[key].clone()
+    bad[0, 3] = value
+    path = _folder(saved, tmp_path, {"model.safetensors": {**state, key: bad}})
+    with pytest.raises(CheckpointError, match=r"layers\.1\.mlp\.up_proj\.weight' has 1 non-finite value"):
+        HookedLlava.from_pretrained(path)
+
+
+def test_non_finite_weights_in_an_hf_model_are_refused_by_from_hf():
+    from hooked_llava.testing import tiny_hf_llava
+
+    hf = tiny_hf_llava(seed=0)
+    with torch.no_grad():
+        hf.model.multi_modal_projector.linear_1.bias[2] = float("nan")
+    with pytest.raises(CheckpointError, match=r"projector:'linear_1\.bias' has 1 non-finite"):
+        HookedLlava.from_hf(hf)
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value", "message"),
+    [
+        ("text_config", "rms_norm_eps", -1, "rms_norm_eps=-1 must be a finite number above 0"),
+        ("text_config", "rms_norm_eps", 0, "rms_norm_eps=0 must be"),
+        ("vision_config", "layer_norm_eps", -1e-5, "layer_norm_eps=-1e-05 must be"),
+        ("text_config", "hidden_size", 0, "hidden_size=0 must be a positive integer"),
+        ("text_config", "num_hidden_layers", -2, "num_hidden_layers=-2 must be a positive integer"),
+        ("text_config", "vocab_size", 0, "vocab_size=0 must be"),
+        ("text_config", "num_attention_heads", 5, r"\(64\) is not a multiple of the number of attention heads \(5\)"),
+        (
+            "text_config",
+            "num_key_value_heads",
+            3,
+            r"num_key_value_heads=3 does not divide|heads \(4\) .*key.value heads \(3\)",
+        ),
+        ("text_config.rope_parameters", "rope_theta", -10000.0, "rope_theta=-10000.0 must be"),
+        ("vision_config", "num_attention_heads", 3, r"\(32\) is not a multiple of the number of attention heads \(3\)"),
+        ("vision_config", "patch_size", 64, "patch_size=64 is larger than image_size=32"),
+        ("vision_config", "image_size", 0, "image_size=0 must be a positive integer"),
+        (None, "image_token_id", 10_000, "image_token_id=10000 is not a token id"),
+    ],
+)
+def test_nonsense_config_values_are_errors_naming_the_field(section, field, value, message, saved, tmp_path):
+    config = json.loads((saved / "config.json").read_text())
+    target = config
+    for part in section.split(".") if section else []:
+        target = target[part]
+    target[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidConfigError, match=message):
+        HookedLlava.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value", "message"),
+    [
+        ("text_config", "num_key_value_heads", 3, "num_key_value_heads=3 does not divide num_attention_heads=4"),
+        ("vision_config", "num_attention_heads", 3, "num_attention_heads=3 does not divide hidden_size=32"),
+        ("text_config", "rms_norm_eps", float("nan"), "rms_norm_eps=nan must be a finite number above 0"),
+        ("text_config", "max_position_embeddings", 0, "max_position_embeddings=0 must be a positive integer"),
+        ("vision_config", "num_channels", 0, "num_channels=0 must be a positive integer"),
+    ],
+)
+def test_configs_edited_in_memory_are_checked_too(section, field, value, message):
+    """transformers validates some fields when it reads config.json, but not when they are assigned later."""
+    from hooked_llava.config import configs_from_hf
+    from hooked_llava.testing import tiny_llava_config
+
+    config = tiny_llava_config()
+    setattr(getattr(config, section), field, value)
+    with pytest.raises(InvalidConfigError, match=message):
+        configs_from_hf(config)
+
+
+def test_an_unreachable_hub_falls_back_to_a_complete_cached_copy(stalled_hub, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    calls = []
+
+    def cached(repo_id, allow_patterns=None, local_files_only=False):
+        calls.append((repo_id, local_files_only))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cached)
+    assert resolve("someorg/some-llava") == tmp_path
+    assert stalled_hub and calls == [("someorg/some-llava", True)]
+
+
+def test_offline_mode_reads_only_the_cache(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda **kw: pytest.fail("offline mode must not ask the hub"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, allow_patterns, local_files_only: tmp_path)
+    assert resolve("someorg/some-llava") == tmp_path
+
+
+def test_a_hub_download_takes_only_top_level_config_tokenizer_and_weight_files(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub.hf_api import RepoSibling
+
+    names = ["config.json", "model.safetensors", "tokenizer.model", "README.md", "sub/model.safetensors", "x.bin"]
+    info = type("Info", (), {"sha": "a" * 40, "siblings": [RepoSibling(rfilename=n) for n in names]})()
+    api = type("Api", (), {"model_info": lambda self, repo, timeout: info})
+    fetched = []
+
+    def download(repo_id, filename, revision, endpoint, etag_timeout):
+        fetched.append((filename, revision, endpoint, etag_timeout))
+        return str(tmp_path / "snapshot" / filename)
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.invalid")
+    monkeypatch.setenv("HOOKED_LLAVA_HUB_TIMEOUT", "7")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda endpoint: api())
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert resolve("org/name") == tmp_path / "snapshot"
+    expected = ["config.json", "model.safetensors", "tokenizer.model"]
+    assert fetched == [(n, "a" * 40, "http://mirror.invalid", 7.0) for n in expected]
