@@ -55,10 +55,88 @@ def image_feature_count(inputs: LlavaInputs, features: list[Tensor]) -> None:
     per_image = [f.shape[0] for f in features]
     if n_tokens != sum(per_image):
         raise ValueError(
-            f"the prompts hold {n_tokens} image placeholder tokens but the {len(per_image)} image(s) give "
-            f"{sum(per_image)} features ({', '.join(map(str, per_image))} per image). Each `<image>` must be "
-            "expanded to its image's number of features: build inputs with `model.prepare` or the model's processor."
+            f"the prompts hold {n_tokens} image placeholder tokens (id {inputs.image_token_id}) but the "
+            f"{len(per_image)} image(s) give {sum(per_image)} features ({', '.join(map(str, per_image))} per image). "
+            "Each `<image>` must be expanded to its image's number of features: build inputs with `model.prepare` "
+            "or the model's processor."
         )
+
+
+def finite_pixels(pixels: Tensor) -> None:
+    """One NaN or inf pixel makes every logit NaN: refuse it before the forward."""
+    if bool(pixels.sum().isfinite()):  # one reduction: NaN and inf propagate through the sum
+        return
+    finite = torch.isfinite(pixels)
+    if bool(finite.all()):  # finite values whose sum overflowed
+        return
+    bad = ~finite.flatten(1).all(1)
+    raise ValueError(
+        f"pixel_values hold {int((~finite).sum())} non-finite value(s) (NaN or inf), in image(s) "
+        f"{bad.nonzero()[:, 0].tolist()}; every logit would be NaN. Check how the images were loaded and "
+        "normalised, or build the pixels with `model.prepare(images=...)`."
+    )
+
+
+def token_ids(ids: Tensor, d_vocab: int) -> None:
+    """Ids outside the embedding table would fail deep inside `F.embedding` with an opaque IndexError."""
+    lo, hi = torch.aminmax(ids)
+    if int(lo) >= 0 and int(hi) < d_vocab:
+        return
+    bad = (ids < 0) | (ids >= d_vocab)
+    values = ids[bad].unique().tolist()
+    where = [tuple(rc) for rc in bad.nonzero()[:5].tolist()]
+    raise ValueError(
+        f"input_ids hold {len(values)} id(s) outside this model's vocabulary of {d_vocab} tokens (valid: 0 to "
+        f"{d_vocab - 1}): {values[:10]}{' ...' if len(values) > 10 else ''}, first at (row, position) {where}. "
+        "Tokenise with this model's tokenizer (`model.to_tokens` or `model.prepare`)."
+    )
+
+
+def attention_mask(mask: Tensor) -> None:
+    lo, hi = torch.aminmax(mask)
+    if not (float(lo) >= 0 and float(hi) <= 1 and (not mask.is_floating_point() or bool((mask == mask.round()).all()))):
+        raise ValueError(
+            f"attention_mask must hold only 0 (padding) and 1 (real token); got the values {mask.unique().tolist()}."
+        )
+    empty = ~mask.any(1)
+    if bool(empty.any()):
+        raise ValueError(
+            f"attention_mask row(s) {empty.nonzero()[:, 0].tolist()} are all zeros: those prompts have no real "
+            "token to run on. Set the mask to 1 on each prompt's tokens, or drop the empty rows."
+        )
+
+
+def _tokenizer_image_id(model: HookedLlava) -> int | None:
+    processor = model.processor
+    tokenizer = getattr(processor, "tokenizer", None)
+    token = getattr(processor, "image_token", None)
+    if tokenizer is None or not isinstance(token, str):
+        return None
+    found = tokenizer.convert_tokens_to_ids(token)
+    return found if isinstance(found, int) else None
+
+
+def placeholders(x: LlavaInputs, model: HookedLlava) -> None:
+    """Pixels and `<image>` placeholders must come together."""
+    n_placeholders = int(x.image_mask.sum())
+    if x.pixel_values is None and n_placeholders:
+        raise ValueError(
+            f"the input holds {n_placeholders} `<image>` placeholder tokens but no pixel_values were given. "
+            "Pass the image(s) with `model.prepare(images=..., prompts=...)` or `pixel_values=`."
+        )
+    if x.pixel_values is None or n_placeholders:
+        return
+    looked_for = f"no token is the image placeholder id {x.image_token_id} (the config's image_token_index)"
+    tok_id = _tokenizer_image_id(model)
+    if tok_id is not None and tok_id != x.image_token_id and bool((x.input_ids == tok_id).any()):
+        raise ValueError(
+            f"pixel_values were given but {looked_for}. The prompt does hold `<image>`, which this model's "
+            f"tokenizer maps to id {tok_id}: the config's image_token_index is probably wrong; set it to {tok_id}."
+        )
+    raise ValueError(
+        f"pixel_values were given but {looked_for}, so the image would be ignored. Put `<image>` in the prompt "
+        "(e.g. 'USER: <image>\\n...') or drop the image; if the prompt holds it, check image_token_index."
+    )
 
 
 def inputs(x: LlavaInputs, model: HookedLlava) -> None:
@@ -72,19 +150,11 @@ def inputs(x: LlavaInputs, model: HookedLlava) -> None:
             f"sequence of {ids.shape[1]} tokens exceeds the model's context length of {model.cfg.n_ctx}; "
             "shorten the prompt."
         )
+    token_ids(ids, model.cfg.d_vocab)
+    attention_mask(x.attention_mask)
     if x.pixel_values is not None and model.vision is not None:
         pixel_values(x.pixel_values, model.vision.cfg, model.w_e.dtype, tiles=model.cfgs.pinpoints is not None)
-    n_placeholders = int(x.image_mask.sum())
-    if x.pixel_values is None and n_placeholders:
-        raise ValueError(
-            f"the input holds {n_placeholders} `<image>` placeholder tokens but no pixel_values were given. "
-            "Pass the image(s) with `model.prepare(images=..., prompts=...)` or `pixel_values=`."
-        )
-    if x.pixel_values is not None and not n_placeholders:
-        raise ValueError(
-            "pixel_values were given but the input has no `<image>` placeholder tokens, so the image would be "
-            "ignored. Put `<image>` in the prompt (e.g. 'USER: <image>\\n...') or drop the image."
-        )
+    placeholders(x, model)
 
 
 def image_sizes(sizes: Any, n_images: int) -> list[tuple[int, int]]:

@@ -15,19 +15,8 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
-from transformer_lens.hook_points import HookPoint as _TLHookPoint
 
-
-class HookPoint(_TLHookPoint):
-    """A TransformerLens `HookPoint` that skips `nn.Module` dispatch when nothing is attached."""
-
-    def __call__(self, x: Any) -> Any:
-        if self._forward_hooks or self._backward_hooks:
-            return super().__call__(x)
-        return x
-
-    def active(self) -> bool:
-        return bool(self._forward_hooks or self._backward_hooks)
+from .hook_points import HookPoint, allow_broadcasting_hooks  # noqa: F401 (re-exported)
 
 
 def quick_gelu(x: Tensor) -> Tensor:

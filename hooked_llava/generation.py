@@ -3,6 +3,7 @@ prompt and the new tokens, as text for text input."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -11,6 +12,27 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .inputs import LlavaInputs
+from .locking import locked
+
+
+def _room(n_prompt: int, n_ctx: int, max_new_tokens: int) -> int:
+    """New tokens that fit in the context: capped at `n_ctx - n_prompt` with a warning, as the model
+    has no positions beyond its context length (HF would warn and run past it)."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}.")
+    room = n_ctx - n_prompt
+    if max_new_tokens > 0 and room <= 0:
+        raise ValueError(
+            f"the prompt ({n_prompt} tokens) already fills the model's context length of {n_ctx}: no token "
+            "can be generated. Shorten the prompt."
+        )
+    if max_new_tokens > room:
+        warnings.warn(
+            f"max_new_tokens={max_new_tokens} would run past the model's context length of {n_ctx} "
+            f"(the prompt has {n_prompt} tokens): generating at most {room} new tokens.",
+            stacklevel=2,
+        )
+    return min(max_new_tokens, room)
 
 
 def _sample(
@@ -45,6 +67,7 @@ class GenerationMixin:
 
     cfg: Any
 
+    @locked
     @torch.no_grad()
     def generate(
         self,
@@ -69,6 +92,8 @@ class GenerationMixin:
         seed: int | None = None,
     ) -> str | list[str] | Tensor:
         """Sample (or with `do_sample=False`, greedily pick) up to `max_new_tokens`, as TransformerLens.
+        Decoding stops at the context length `cfg.n_ctx` (the output never exceeds it), with a warning
+        when that cuts it short.
 
         Args:
             input: text, a list of texts (padded on the left), token ids or a `LlavaInputs`, as for `forward`.
@@ -93,6 +118,7 @@ class GenerationMixin:
             raise ValueError(f"freq_penalty must be non-negative, got {freq_penalty}.")
         text_in = isinstance(input, str) or (isinstance(input, list) and bool(input) and isinstance(input[0], str))
         inputs = self._generation_inputs(input, pixel_values, attention_mask, image_sizes, prepend_bos, padding_side)
+        max_new_tokens = _room(inputs.input_ids.shape[1], self.cfg.n_ctx, max_new_tokens)
         eos_ids = self._stop_tokens(stop_at_eos, eos_token_id).to(inputs.input_ids.device)
         pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else (int(eos_ids[0]) if len(eos_ids) else 0)
         gen = torch.Generator(device=inputs.input_ids.device).manual_seed(seed) if seed is not None else None

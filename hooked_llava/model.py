@@ -6,6 +6,7 @@ The forward pass is: CLIP tower → projector → merge into the token embedding
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -22,8 +23,10 @@ from .components import Attention, GatedMLP, HookPoint, RMSNorm, TransformerBloc
 from .config import LanguageConfig, LlavaConfigs
 from .entry import EntryMixin
 from .generation import GenerationMixin
+from .hook_points import allow_broadcasting_hooks
 from .inputs import LlavaInputs
 from .loading import LoadingMixin
+from .locking import LockingMixin, locked
 from .tokens import TokensMixin
 from .vision import Projector, VisionTower
 from .weights import WeightsMixin
@@ -49,8 +52,13 @@ def _lm_block(cfg: LanguageConfig) -> TransformerBlock:
     )
 
 
-class HookedLlava(LoadingMixin, TokensMixin, EntryMixin, WeightsMixin, GenerationMixin, HookedRootModule):
+class HookedLlava(LockingMixin, LoadingMixin, TokensMixin, EntryMixin, WeightsMixin, GenerationMixin, HookedRootModule):
     """LLaVA with every internal exposed as a live TransformerLens hook point.
+
+    Threads: one model may be shared; every hooked call holds the model's lock, so concurrent calls
+    run one at a time, each with only its own hooks and cache (see `hooked_llava.locking`). A forward
+    hook must return None or a tensor of its input's shape and dtype, except inside
+    `with model.allow_broadcasting_hooks():`.
 
     Example:
         >>> model = HookedLlava.from_pretrained("shapes-llava")
@@ -61,6 +69,7 @@ class HookedLlava(LoadingMixin, TokensMixin, EntryMixin, WeightsMixin, Generatio
 
     def __init__(self, cfgs: LlavaConfigs, processor: Any = None):
         super().__init__()
+        self._lock = threading.RLock()
         self.cfgs = cfgs
         self.cfg: LanguageConfig = cfgs.lm
         self.processor = processor
@@ -78,6 +87,7 @@ class HookedLlava(LoadingMixin, TokensMixin, EntryMixin, WeightsMixin, Generatio
         self.setup()
 
     # --- forward -------------------------------------------------------------------------
+    @locked
     def forward(
         self,
         input: LlavaInputs | Tensor | str | list[str],
@@ -131,6 +141,7 @@ class HookedLlava(LoadingMixin, TokensMixin, EntryMixin, WeightsMixin, Generatio
             raise ValueError("a loss needs the tokens the residual came from: pass tokens= (ids or LlavaInputs).")
         return self._output(logits, inputs, return_type, loss_per_token)
 
+    @locked
     def embed_inputs(self, inputs: LlavaInputs) -> Float[Tensor, "batch pos d_model"]:
         """Token embeddings with the projected image features merged in, through `hook_embed`."""
         ids = inputs.input_ids
@@ -145,6 +156,7 @@ class HookedLlava(LoadingMixin, TokensMixin, EntryMixin, WeightsMixin, Generatio
             embeds = embeds.masked_scatter(placeholder, features.to(embeds.dtype))
         return self.hook_embed(embeds)
 
+    @locked
     def image_features(self, pixel_values: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> list[Tensor]:
         """Vision tower and projector: per image, the `[n_tokens, d_model]` vectors that replace
         its placeholders (for LLaVA-NeXT: base view, unpadded high-res rows and newlines)."""
@@ -152,6 +164,7 @@ class HookedLlava(LoadingMixin, TokensMixin, EntryMixin, WeightsMixin, Generatio
             raise ValueError("this is a text-only model: it has no vision tower; drop the image inputs.")
         tiled = self.cfgs.pinpoints is not None
         checks.pixel_values(pixel_values, self.vision.cfg, self.w_e.dtype, tiles=tiled)
+        checks.finite_pixels(pixel_values)
         pixel_values = pixel_values.to(self.w_e.device, self.w_e.dtype)
         if not tiled:
             return list(self.projector(self.vision(pixel_values)))
@@ -169,6 +182,7 @@ class HookedLlava(LoadingMixin, TokensMixin, EntryMixin, WeightsMixin, Generatio
         v = self.vision.cfg
         return [next_.make_layout(tuple(s), list(self.cfgs.pinpoints), v.image_size, v.patch_size) for s in image_sizes]
 
+    @locked
     def run_blocks(
         self,
         x: Tensor,
@@ -265,6 +279,9 @@ class HookedLlava(LoadingMixin, TokensMixin, EntryMixin, WeightsMixin, Generatio
         return prepare(self, images=images, prompts=prompts, **kwargs)
 
     # --- TransformerLens surface ------------------------------------------------------------
+    allow_broadcasting_hooks = staticmethod(allow_broadcasting_hooks)
+
+    @locked
     def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, **kwargs: Any) -> tuple[Any, Any]:
         """`HookedRootModule.run_with_cache`, returning an `ActivationCache` bound to this model."""
         checks.names_filter(kwargs.get("names_filter"), self.hook_dict)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+
+import pytest
 import torch
 
 from hooked_llava.testing import random_images, tiny_model
@@ -56,3 +59,28 @@ def test_sampling_is_reproducible_with_a_seed(tiny, batch):
     assert torch.equal(a, b) and not torch.equal(a, c)
     top1 = model.generate(batch, max_new_tokens=8, do_sample=True, seed=11, top_k=1, stop_at_eos=False)
     assert torch.equal(top1, model.generate(batch, max_new_tokens=8, do_sample=False, stop_at_eos=False))
+
+
+def test_generation_stops_at_the_context_length():
+    model, _ = tiny_model(seed=7, max_position_embeddings=40)
+    inputs = model.prepare(images=random_images(1, seed=3), questions=["What is the color of the circle?"])
+    n = inputs.input_ids.shape[1]
+    room = 40 - n
+    assert 0 < room < 20, "the prompt must leave some room, but less than asked for"
+    # this used to run on to n + 20 tokens
+    with pytest.warns(UserWarning, match=rf"max_new_tokens=20 would run past .* length of 40 .*at most {room} new"):
+        capped = model.generate(inputs, max_new_tokens=20, do_sample=False, stop_at_eos=False)
+    assert capped.shape == (1, 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exactly filling the context is no reason to warn
+        assert torch.equal(capped, model.generate(inputs, max_new_tokens=room, do_sample=False, stop_at_eos=False))
+
+
+def test_generation_from_a_full_context_is_refused(tiny, batch):
+    model, _ = tiny
+    full = torch.ones(1, model.cfg.n_ctx, dtype=torch.long)
+    with pytest.raises(ValueError, match=rf"already fills the model's context length of {model.cfg.n_ctx}"):
+        model.generate(full, max_new_tokens=1, do_sample=False)
+    assert torch.equal(model.generate(full, max_new_tokens=0, do_sample=False), full)
+    with pytest.raises(ValueError, match="max_new_tokens must be 0 or more"):
+        model.generate(batch, max_new_tokens=-1)
