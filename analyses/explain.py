@@ -11,8 +11,6 @@ Tokens are tracked by id and shown with the tokenizer's own decoding.
 
 from __future__ import annotations
 
-import copy
-import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,7 +59,11 @@ class Report:
 
 
 def token_text(model: HookedLlava, token: int) -> str:
-    """A token as the tokenizer decodes it; quoted when it has surrounding spaces (e.g. `' red'`)."""
+    """A token as the tokenizer decodes it; quoted when it has surrounding spaces (e.g. `' red'`).
+
+    Example:
+        >>> token_text(model, model.to_single_token("red"))  # 'red'
+    """
     text = model.tokenizer.decode([int(token)])
     return text if text and text.strip() == text else repr(text)
 
@@ -185,16 +187,6 @@ def _heads(model: HookedLlava, inputs: LlavaInputs, report: Report) -> tuple[int
     report.tables["top_heads"] = table.rename(columns={"score": "log-prob increase (nats)"})
     report.figures["head_scores"] = plot_head_scores(scores, title="log-probability increase of each head")
     return int(table["layer"].iloc[0]), int(table["head"].iloc[0])
-
-
-def float64_options(model: HookedLlava, fn: Callable) -> tuple[HookedLlava, dict, torch.dtype]:
-    """How to run `fn` (a readout-based analysis) in float64: its `dtype=` argument where it has one,
-    else on a float64 copy of the model. Returns `(model, kwargs, readout dtype)`."""
-    if "dtype" in inspect.signature(fn).parameters:
-        return model, {"dtype": torch.float64}, torch.float64
-    if next(model.parameters()).dtype == torch.float64:
-        return model, {}, torch.float32  # the readout casts to float32 without a dtype argument
-    return copy.deepcopy(model).to(torch.float64), {}, torch.float32
 
 
 def _knockout(model: HookedLlava, inputs: LlavaInputs, report: Report, flows: list[str]) -> None:

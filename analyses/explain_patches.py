@@ -14,7 +14,7 @@ from matplotlib.patches import Rectangle
 
 from hooked_llava import HookedLlava, LlavaInputs
 
-from .explain import NOISE_FLOOR, Report, float64_options, token_text
+from .explain import NOISE_FLOOR, Report, token_text
 
 UNIFORM = "map value (share of the head's patch score)"
 
@@ -25,10 +25,9 @@ def patch_section(model: HookedLlava, inputs: LlavaInputs, report: Report, head:
     from .patch_importance import grid_positions, patch_importance
     from .plotting import plot_patch_heatmap
 
-    wide, options, readout = float64_options(model, patch_importance)
-    y = report.answer_id
-    tool = patch_importance(wide, inputs, heads=[head], target=y, progress=False, **options)[0]
-    raw = log_prob_increase(wide, inputs, unit="position", head=head, target=y, **options)[0]
+    y, readout = report.answer_id, torch.float64  # read out in float64: resolves differences far below 1e-5 nats
+    tool = patch_importance(model, inputs, heads=[head], target=y, progress=False, dtype=readout)[0]
+    raw = log_prob_increase(model, inputs, unit="position", head=head, target=y, dtype=readout)[0]
     image_scores = raw[grid_positions(inputs)[0].to(raw.device)].double()  # nats, grid order
     spread, floor = float(image_scores.max() - image_scores.min()), NOISE_FLOOR[readout]
     attention = patch_importance(model, inputs, method="attention", progress=False)[0]
