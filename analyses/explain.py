@@ -225,7 +225,7 @@ def write_html(report: Report, out_dir: Any) -> Any:
     """Write `report.html`, one PNG per figure and the tables as CSV (see `analyses.explain_html`).
 
     Example:
-        >>> path = write_html(explain(model, inputs, say=lambda msg: None), "report")
+        >>> path = write_html(explain(model, inputs[[0]], say=lambda msg: None), "report")
     """
     from .explain_html import write_html as write
 
