@@ -14,7 +14,8 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import FactoredMatrix
 
-from .components import ACTIVATIONS, MLP, Attention, HookPoint, LayerNorm, TransformerBlock
+from .attention import Attention
+from .components import ACTIVATIONS, MLP, HookPoint, LayerNorm, TransformerBlock
 from .config import ProjectorConfig, VisionConfig
 from .weights import ov_circuit, qk_circuit
 
@@ -35,7 +36,8 @@ class VisionTower(nn.Module):
         self.ln_pre = LayerNorm(d, cfg.eps)
         self.blocks = nn.ModuleList(
             TransformerBlock(
-                Attention(d, cfg.n_heads, cfg.d_head, cfg.n_heads, bias=True, rotary=False),
+                cfg,
+                Attention(cfg, cfg.n_heads, bias=True),
                 MLP(d, cfg.d_mlp, cfg.act_fn),
                 LayerNorm(d, cfg.eps),
                 LayerNorm(d, cfg.eps),
@@ -52,7 +54,7 @@ class VisionTower(nn.Module):
         x = self.ln_pre(self.hook_embed(torch.cat([cls, patches], dim=1) + pos))
         states = [x]
         for block in self.blocks:
-            x, _ = block(x)
+            x = block(x)
             states.append(x)
         features = torch.cat([states[k] for k in self.cfg.feature_layers], dim=-1)
         return features[:, 1:] if self.cfg.select_strategy == "default" else features
