@@ -88,13 +88,13 @@ class HookingMixin:
         unknown = set(switches) - {*SETTERS, "use_eager_attention"}
         if unknown:
             raise ValueError(f"unknown switch(es) {sorted(unknown)}; known: {sorted({*SETTERS, 'use_eager_attention'})}.")
-        before = {cfg: {name: getattr(cfg, name) for name in switches} for cfg in self._switch_cfgs()}
+        before = [(cfg, {name: getattr(cfg, name) for name in switches}) for cfg in self._switch_cfgs()]
         try:
             for name, value in switches.items():
                 getattr(self, SETTERS.get(name, "set_use_eager_attention"))(value)
             yield
         finally:
-            for cfg, values in before.items():
+            for cfg, values in before:
                 for name, value in values.items():
                     setattr(cfg, name, value)
 
