@@ -80,10 +80,12 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """CLIP's LayerNorm; uses the fused kernel unless one of its hooks is in use."""
+    """CLIP's LayerNorm; uses the fused kernel unless one of its hooks is in use or
+    `cfg.use_eager_attention` asks for the explicit path everywhere (the two round differently)."""
 
-    def __init__(self, d_model: int, eps: float):
+    def __init__(self, d_model: int, eps: float, cfg: Any = None):
         super().__init__()
+        self.cfg = cfg
         self.w = nn.Parameter(torch.ones(d_model))
         self.b = nn.Parameter(torch.zeros(d_model))
         self.eps = eps
@@ -91,7 +93,8 @@ class LayerNorm(nn.Module):
         self.hook_normalized = HookPoint()  # [batch, pos, d_model], after weight and bias
 
     def forward(self, x: Float[Tensor, "batch pos *head d_model"]) -> Float[Tensor, "batch pos *head d_model"]:
-        if not (self.hook_scale.active() or self.hook_normalized.active()):
+        eager = bool(getattr(self.cfg, "use_eager_attention", False))
+        if not (eager or self.hook_scale.active() or self.hook_normalized.active()):
             return F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps)
         centred = x - x.mean(-1, keepdim=True)
         scale = self.hook_scale((centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())

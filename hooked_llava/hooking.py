@@ -77,8 +77,13 @@ class HookingMixin:
         self._set_switch("use_attn_in", use_attn_in)
 
     def set_use_eager_attention(self, use_eager_attention: bool) -> None:
-        """Run every attention on the explicit softmax path, so that attaching a pattern or score hook
-        changes no logit; off by default, where attention without such hooks runs fused (faster)."""
+        """Run every attention on its explicit softmax path and every (vision) LayerNorm on its explicit
+        formula, as they run when their hooks are in use, so that attaching any hook that only reads
+        changes no logit. Off by default: attention without score/pattern hooks then runs fused
+        (`scaled_dot_product_attention`) and LayerNorm without hooks runs `F.layer_norm`, which round
+        differently, so attaching such a hook moves fp32 logits by about 1e-7 relative (~1e-5 at logits
+        of ~30). `set_use_attn_result` and the per-head input switches also change the arithmetic (as in
+        TransformerLens)."""
         self._set_switch("use_eager_attention", use_eager_attention)
 
     @contextmanager

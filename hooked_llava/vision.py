@@ -2,6 +2,8 @@
 
 The tower computes only the blocks up to the deepest selected feature layer: in LLaVA the
 last block and the post-LayerNorm never reach the language model, so they are not built.
+Its blocks follow the model's hook switches (`model.set_use_attn_result(True)` etc. set
+`model.vision.cfg` too): see `hooked_llava.hooking`.
 """
 
 from __future__ import annotations
@@ -33,14 +35,14 @@ class VisionTower(nn.Module):
         self.hook_patch_embed = HookPoint()  # [batch, n_patches, d_model]
         self.hook_pos_embed = HookPoint()  # [batch, 1 + n_patches, d_model]
         self.hook_embed = HookPoint()  # CLS + patches + positions, before ln_pre
-        self.ln_pre = LayerNorm(d, cfg.eps)
+        self.ln_pre = LayerNorm(d, cfg.eps, cfg)
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 cfg,
                 Attention(cfg, cfg.n_heads, bias=True),
                 MLP(d, cfg.d_mlp, cfg.act_fn),
-                LayerNorm(d, cfg.eps),
-                LayerNorm(d, cfg.eps),
+                LayerNorm(d, cfg.eps, cfg),
+                LayerNorm(d, cfg.eps, cfg),
             )
             for _ in range(cfg.n_layers_computed)
         )
