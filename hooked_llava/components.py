@@ -214,7 +214,7 @@ class TransformerBlock(nn.Module):
             x = self.hook_attn_in(repeat_heads(x, n_heads))
             if not self.cfg.use_split_qkv_input:
                 return x, x, x
-            q_in, kv_in = x.clone(), x.clone()
+            q_in, k_in, v_in = x.clone(), x.clone(), x.clone()
         else:
-            q_in, kv_in = repeat_heads(x, n_heads), repeat_heads(x, n_kv)
-        return self.hook_q_input(q_in), self.hook_k_input(kv_in), self.hook_v_input(kv_in.clone())
+            q_in, k_in, v_in = repeat_heads(x, n_heads), repeat_heads(x, n_kv), repeat_heads(x, n_kv)
+        return self.hook_q_input(q_in), self.hook_k_input(k_in), self.hook_v_input(v_in)
