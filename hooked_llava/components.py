@@ -151,8 +151,6 @@ class MLP(_MLPWeights):
         return F.linear(self.hook_post(self.act(pre)), self.w_out, self.bias_out)
 
 
-
-
 def repeat_heads(x: Float[Tensor, "batch pos d_model"], n_heads: int) -> Float[Tensor, "batch pos n_heads d_model"]:
     """One copy of the residual per head (copies, so that editing one head leaves the others)."""
     return x[:, :, None].expand(-1, -1, n_heads, -1).clone()
@@ -197,9 +195,7 @@ class TransformerBlock(nn.Module):
         q_in, k_in, v_in = self._attn_inputs(resid_pre)
         q_n = self.ln1(q_in)
         k_n, v_n = (q_n, q_n) if k_in is q_in else (self.ln1(k_in), self.ln1(v_in))
-        attn_out = self.attn(
-            q_n, k_n, v_n, past_kv_cache_entry, additive_attention_mask, attention_mask, rotary=rotary
-        )
+        attn_out = self.attn(q_n, k_n, v_n, past_kv_cache_entry, additive_attention_mask, attention_mask, rotary=rotary)
         resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))
         mlp_in = self.hook_mlp_in(resid_mid.clone()) if self.cfg.use_hook_mlp_in else resid_mid
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in)))

@@ -92,7 +92,9 @@ class HookingMixin:
         also on an exception."""
         unknown = set(switches) - {*SETTERS, "use_eager_attention"}
         if unknown:
-            raise ValueError(f"unknown switch(es) {sorted(unknown)}; known: {sorted({*SETTERS, 'use_eager_attention'})}.")
+            raise ValueError(
+                f"unknown switch(es) {sorted(unknown)}; known: {sorted({*SETTERS, 'use_eager_attention'})}."
+            )
         before = [(cfg, {name: getattr(cfg, name) for name in switches}) for cfg in self._switch_cfgs()]
         try:
             for name, value in switches.items():

@@ -24,8 +24,8 @@ from .config import LanguageConfig, LlavaConfigs
 from .entry import EntryMixin
 from .generation import GenerationMixin
 from .hooking import HookingMixin
-from .kv_cache import KeyValueCache, KeyValueCacheEntry
 from .inputs import LlavaInputs
+from .kv_cache import KeyValueCache, KeyValueCacheEntry
 from .loading import LoadingMixin
 from .tokens import TokensMixin
 from .vision import Projector, VisionTower
@@ -46,9 +46,7 @@ def _lm_block(cfg: LanguageConfig, layer: int) -> TransformerBlock:
     )
 
 
-class HookedLlava(
-    LoadingMixin, TokensMixin, EntryMixin, WeightsMixin, GenerationMixin, HookingMixin, HookedRootModule
-):
+class HookedLlava(LoadingMixin, TokensMixin, EntryMixin, WeightsMixin, GenerationMixin, HookingMixin, HookedRootModule):
     """LLaVA with every internal exposed as a live TransformerLens hook point.
 
     Example:
