@@ -77,6 +77,19 @@ class Attention(nn.Module):
     """Attention with the legacy TransformerLens hooks; `rotary_base` set means causal and rotary
     (the language model), None means bidirectional without positions (the vision tower)."""
 
+    b_q: Tensor | None
+    b_k: Tensor | None
+    b_v: Tensor | None
+    hook_q: HookPoint
+    hook_k: HookPoint
+    hook_v: HookPoint
+    hook_rot_q: HookPoint
+    hook_rot_k: HookPoint
+    hook_attn_scores: HookPoint
+    hook_pattern: HookPoint
+    hook_z: HookPoint
+    hook_result: HookPoint
+
     def __init__(
         self,
         cfg: Any,
@@ -134,7 +147,7 @@ class Attention(nn.Module):
         if self.rotary:
             if rotary is None:
                 positions = positions_from_mask(attention_mask, q.shape[1], n_past, q.device)
-                rotary = rotary_cos_sin(positions, self.d_head, float(self.rotary_base), q.dtype)
+                rotary = rotary_cos_sin(positions, self.d_head, self.rotary_base or 0.0, q.dtype)
             cos, sin = rotary
             q = self.hook_rot_q(q * cos + rotate_half(q) * sin)
             k = self.hook_rot_k(k * cos + rotate_half(k) * sin)

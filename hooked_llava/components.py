@@ -166,6 +166,8 @@ class TransformerBlock(nn.Module):
     first norm runs per head (its hooks gain a head dimension), as in TransformerLens.
     """
 
+    attn: Any  # an `hooked_llava.attention.Attention`
+
     def __init__(self, cfg: Any, attn: nn.Module, mlp: nn.Module, ln1: nn.Module, ln2: nn.Module):
         super().__init__()
         self.cfg = cfg
