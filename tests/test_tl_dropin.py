@@ -209,6 +209,16 @@ def test_pos_slice_slices_the_position_of_every_hook(tiny, batch, pos_slice):
     assert sliced["blocks.0.attn.hook_rot_q"].shape[-2] == model.cfg.n_heads
 
 
+def test_remove_batch_dim_with_pos_slice(tiny, batch):
+    model, _ = tiny
+    one = batch[1]
+    with torch.no_grad():
+        _, full = model.run_with_cache(one)
+        _, cache = model.run_with_cache(one, remove_batch_dim=True, pos_slice=(3, 7))
+    assert torch.equal(cache["blocks.0.attn.hook_rot_k"], full["blocks.0.attn.hook_rot_k"][0, 3:7])
+    assert torch.equal(cache["blocks.0.attn.hook_pattern"], full["blocks.0.attn.hook_pattern"][0, :, 3:7])
+
+
 # --- TransformerLens naming conventions ---------------------------------------------------------
 def test_hook_layer_on_every_hook(tiny):
     model, _ = tiny
