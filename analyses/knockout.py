@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from hooked_llava import HookedLlava, LlavaInputs
 from hooked_llava.geometry import BoxRule, related_mask
+from hooked_llava.kv_cache import KeyValueCacheEntry
 
 from . import ranges
 
@@ -289,8 +290,9 @@ def _run_chunk(model: HookedLlava, inputs: LlavaInputs, cache: Any, masks: dict[
             joining = [e for e, c in zip(examples, chunk, strict=True) if c.start == layer]
             x = torch.cat([x, cache[f"blocks.{layer}.hook_resid_pre"][joining, p0:]]) if joining else x
             n = x.shape[0]
-            kv = tuple(cache[f"blocks.{layer}.attn.{h}"][examples[:n], :p0] for h in ("hook_rot_k", "hook_v"))
-            x, _ = model.run_blocks(x, mask2d[:n], positions[:n], layer, layer + 1, past=[kv] * (layer + 1))
+            keys, values = (cache[f"blocks.{layer}.attn.{h}"][examples[:n], :p0] for h in ("hook_rot_k", "hook_v"))
+            past: list[KeyValueCacheEntry | None] = [None] * layer + [KeyValueCacheEntry(keys, values, frozen=True)]
+            x = model.run_blocks(x, mask2d[:n], positions[:n], layer, layer + 1, past_kv_cache=past)
     last = x[torch.arange(len(chunk), device=x.device), inputs.last[examples].to(x.device) - p0]
     return model.unembed(model.ln_final(last[:, None]))[:, 0]
 

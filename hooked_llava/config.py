@@ -24,7 +24,19 @@ SELECT_STRATEGIES = ("default", "full")
 
 
 @dataclass
-class LanguageConfig(TransformerLensConfig):
+class HookSwitches:
+    """TransformerLens' hook switches (off by default, as there), read by every block at each call,
+    plus `use_eager_attention` (ours): every attention takes the explicit softmax path."""
+
+    use_attn_result: bool = False  # hook_result, [batch, pos, head, d_model]
+    use_split_qkv_input: bool = False  # hook_q_input / hook_k_input / hook_v_input
+    use_hook_mlp_in: bool = False  # hook_mlp_in
+    use_attn_in: bool = False  # hook_attn_in
+    use_eager_attention: bool = False
+
+
+@dataclass
+class LanguageConfig(HookSwitches, TransformerLensConfig):
     """The language model, in TransformerLens' vocabulary (`model.cfg`)."""
 
     d_vocab_out: int = -1
@@ -52,7 +64,7 @@ class LanguageConfig(TransformerLensConfig):
 
 
 @dataclass
-class VisionConfig(TransformerLensConfig):
+class VisionConfig(HookSwitches, TransformerLensConfig):
     """The CLIP vision tower (`model.vision.cfg`); only `n_layers_computed` blocks run."""
 
     image_size: int = 336

@@ -12,6 +12,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .inputs import LlavaInputs
+from .kv_cache import KeyValueCache
 from .locking import locked
 
 
@@ -124,13 +125,14 @@ class GenerationMixin:
         gen = torch.Generator(device=inputs.input_ids.device).manual_seed(seed) if seed is not None else None
         mask, positions = inputs.attention_mask, inputs.position_ids()
         x = self.embed_inputs(inputs) if use_past_kv_cache else None  # type: ignore[attr-defined]
-        tokens, done, past = inputs.input_ids, torch.zeros(len(inputs), dtype=torch.bool, device=mask.device), None
+        tokens, done = inputs.input_ids, torch.zeros(len(inputs), dtype=torch.bool, device=mask.device)
+        past = KeyValueCache.init_cache(self.cfg, mask.device, len(inputs)) if use_past_kv_cache else None
         for _ in tqdm(range(max_new_tokens), disable=not verbose):
-            if use_past_kv_cache:
-                x, past = self.run_blocks(x, mask, positions, past=past)  # type: ignore[attr-defined]
+            if use_past_kv_cache:  # the cache's entries grow in place
+                x = self.run_blocks(x, mask, positions, past_kv_cache=past)  # type: ignore[attr-defined]
             else:
                 seq = LlavaInputs(input_ids=tokens, attention_mask=mask)  # positions of the whole sequence
-                x, _ = self.run_blocks(self._embed_all(inputs, tokens), mask, seq.position_ids())  # type: ignore[attr-defined]
+                x = self.run_blocks(self._embed_all(inputs, tokens), mask, seq.position_ids())  # type: ignore[attr-defined]
             logits = self.unembed(self.ln_final(x[:, -1:]))[:, 0]  # type: ignore[attr-defined]
             nxt = (
                 _sample(logits, temperature, top_k, top_p, freq_penalty, tokens, gen)

@@ -53,6 +53,10 @@ def _checked(fn: Callable[..., Any]) -> Callable[..., Any]:
     return hook_fn
 
 
+class NoLayerError(IndexError, ValueError):
+    """`HookPoint.layer()` on a hook outside the blocks (TransformerLens raises IndexError or ValueError)."""
+
+
 class HookPoint(_TLHookPoint):
     """A TransformerLens `HookPoint` that skips `nn.Module` dispatch when nothing is attached and
     checks that forward hooks return their input's shape and dtype (see `allow_broadcasting_hooks`)."""
@@ -64,6 +68,17 @@ class HookPoint(_TLHookPoint):
 
     def active(self) -> bool:
         return bool(self._forward_hooks or self._backward_hooks)
+
+    def layer(self) -> int:
+        """The index of the block this hook is in: `blocks.3.attn.hook_pattern` → 3, and for the
+        vision tower `vision.blocks.1.hook_resid_post` → 1 (select language-model hooks alone with
+        `lambda name: name.startswith("blocks.")`). A hook outside any block has no layer: as
+        TransformerLens' `hook_embed`, it raises an `IndexError` (also a `ValueError` here)."""
+        parts = (self.name or "").split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part == "blocks" and parts[i + 1].isdigit():
+                return int(parts[i + 1])
+        raise NoLayerError(f"hook {self.name!r} is not inside a block, so it has no layer index.")
 
     def add_hook(self, hook: Callable[..., Any], dir: Literal["fwd", "bwd"] = "fwd", *args: Any, **kwargs: Any) -> Any:
         handle = super().add_hook(_checked(hook) if dir == "fwd" else hook, dir, *args, **kwargs)

@@ -19,12 +19,15 @@ from transformer_lens.HookedRootModule import HookedRootModule
 
 from . import checks
 from . import next as next_
-from .components import Attention, GatedMLP, HookPoint, RMSNorm, TransformerBlock, rotary_cos_sin
+from .attention import Attention, additive_mask, rotary_cos_sin
+from .components import GatedMLP, HookPoint, RMSNorm, TransformerBlock
 from .config import LanguageConfig, LlavaConfigs
 from .entry import EntryMixin
 from .generation import GenerationMixin
 from .hook_points import allow_broadcasting_hooks
+from .hooking import HookingMixin
 from .inputs import LlavaInputs
+from .kv_cache import KeyValueCache, KeyValueCacheEntry
 from .loading import LoadingMixin
 from .locking import LockingMixin, locked
 from .tokens import TokensMixin
@@ -32,27 +35,23 @@ from .vision import Projector, VisionTower
 from .weights import WeightsMixin
 
 ReturnType = Literal["logits", "loss", "both"] | None
-KV = list[tuple[Tensor, Tensor]]
+PastKV = KeyValueCache | Sequence[KeyValueCacheEntry | None]
 
 
-def _lm_block(cfg: LanguageConfig) -> TransformerBlock:
+def _lm_block(cfg: LanguageConfig, layer: int) -> TransformerBlock:
+    window = cfg.layer_windows[layer] if cfg.layer_windows else None
     return TransformerBlock(
-        Attention(
-            cfg.d_model,
-            cfg.n_heads,
-            cfg.d_head,
-            cfg.n_kv_heads,
-            cfg.attention_bias,
-            rotary=True,
-            o_bias=cfg.output_bias,
-        ),
+        cfg,
+        Attention(cfg, cfg.n_kv_heads, cfg.attention_bias, cfg.output_bias, rotary_base=cfg.rope_theta, window=window),
         GatedMLP(cfg.d_model, cfg.d_mlp or 4 * cfg.d_model, cfg.act_fn, cfg.mlp_bias),
         RMSNorm(cfg.d_model, cfg.eps),
         RMSNorm(cfg.d_model, cfg.eps),
     )
 
 
-class HookedLlava(LockingMixin, LoadingMixin, TokensMixin, EntryMixin, WeightsMixin, GenerationMixin, HookedRootModule):
+class HookedLlava(
+    LockingMixin, LoadingMixin, TokensMixin, EntryMixin, WeightsMixin, GenerationMixin, HookingMixin, HookedRootModule
+):
     """LLaVA with every internal exposed as a live TransformerLens hook point.
 
     Threads: one model may be shared; every hooked call holds the model's lock, so concurrent calls
@@ -81,7 +80,7 @@ class HookedLlava(LockingMixin, LoadingMixin, TokensMixin, EntryMixin, WeightsMi
             self.hook_image_features = HookPoint()  # [n_image_tokens, d_model]: all images, packed, before the merge
         self.w_e = nn.Parameter(torch.empty(self.cfg.d_vocab, self.cfg.d_model))
         self.hook_embed = HookPoint()  # merged sequence: tokens at text, image features at image positions
-        self.blocks = nn.ModuleList(_lm_block(self.cfg) for _ in range(self.cfg.n_layers))
+        self.blocks = nn.ModuleList(_lm_block(self.cfg, layer) for layer in range(self.cfg.n_layers))
         self.ln_final = RMSNorm(self.cfg.d_model, self.cfg.eps)
         self.w_u = nn.Parameter(torch.empty(self.cfg.d_vocab_out, self.cfg.d_model))
         self.setup()
@@ -133,7 +132,7 @@ class HookedLlava(LockingMixin, LoadingMixin, TokensMixin, EntryMixin, WeightsMi
         )
         if position_ids is None:
             position_ids = inputs.position_ids()
-        x, _ = self.run_blocks(x, inputs.attention_mask, position_ids, start_at_layer or 0, stop_at_layer)
+        x = self.run_blocks(x, inputs.attention_mask, position_ids, start_at_layer or 0, stop_at_layer)
         if stop_at_layer is not None:
             return x
         logits = self.unembed(self.ln_final(x))
@@ -190,30 +189,30 @@ class HookedLlava(LockingMixin, LoadingMixin, TokensMixin, EntryMixin, WeightsMi
         position_ids: Tensor,
         start: int = 0,
         stop: int | None = None,
-        past: KV | None = None,
-    ) -> tuple[Tensor, KV]:
+        past_kv_cache: PastKV | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
         """Run blocks `start..stop-1` on the residual `x` (part of the public API, used by the
-        analyses to resume from cached residuals).
+        analyses to resume from cached residuals); masks and rotary tables are built once for all.
 
         Args:
             x: `[batch, pos, d_model]` residual entering block `start`.
             mask2d: `[batch, past + pos]` attention mask (1 = real token), or None.
             position_ids: `[batch, pos]` rotary positions of the new tokens.
-            past: per layer (indexed by absolute layer), the cached rotated `(key, value)`
-                `[batch, past, n_kv_heads, d_head]` of earlier positions.
+            past_kv_cache: a `KeyValueCache`, or per layer (indexed by absolute layer) a
+                `KeyValueCacheEntry` holding the rotated keys and values `[batch, past, n_kv_heads,
+                d_head]` of earlier positions; entries that are not frozen are extended in place.
 
         Returns:
-            The residual after block `stop - 1` and, per block run, its `(key, value)` including `past`.
+            The residual after block `stop - 1`.
         """
-        n_past = 0 if past is None else past[0][0].shape[1]
+        n_past = 0 if past_kv_cache is None else _entry(past_kv_cache, start).n_past
         windows = self.cfg.layer_windows or (None,) * self.cfg.n_layers
         masks = {w: self.additive_mask(mask2d, x.shape[1], n_past, x.dtype, w) for w in set(windows[start:stop])}
         rotary = rotary_cos_sin(position_ids, self.cfg.d_head, self.cfg.rope_theta, x.dtype)
-        kvs: KV = []
         for i, block in enumerate(self.blocks[start:stop], start=start):
-            x, kv = block(x, masks[windows[i]], rotary, None if past is None else past[i])
-            kvs.append(kv)
-        return x, kvs
+            entry = None if past_kv_cache is None else _entry(past_kv_cache, i)
+            x = block(x, None, entry, additive_attention_mask=masks[windows[i]], rotary=rotary)
+        return x
 
     def additive_mask(
         self, mask2d: Tensor | None, n_q: int, n_past: int, dtype: torch.dtype, window: int | None = None
@@ -221,17 +220,7 @@ class HookedLlava(LockingMixin, LoadingMixin, TokensMixin, EntryMixin, WeightsMi
         """`[batch, 1, q, k]` mask with `finfo.min` where attention is forbidden (future keys,
         padding, keys beyond a sliding window), or None when causal masking alone suffices
         (the attention then uses the fused causal kernel)."""
-        n_k = n_past + n_q
-        if n_past == 0 and (mask2d is None or bool(mask2d.all())) and (window is None or window >= n_k):
-            return None
-        if mask2d is None:
-            mask2d = torch.ones(1, n_k, dtype=torch.long, device=self.w_e.device)
-        allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=mask2d.device).tril(n_past)
-        if window is not None:  # HF: key index > query index - window (absolute sequence indices)
-            allowed &= torch.ones_like(allowed).triu(n_past - window + 1)
-        allowed = allowed[None] & mask2d[:, None, -n_k:].bool()
-        zeros = torch.zeros(allowed.shape, dtype=dtype, device=mask2d.device)
-        return zeros.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+        return additive_mask(mask2d, n_q, n_past, dtype, window, self.w_e.device)
 
     def unembed(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
         return F.linear(x, self.w_u)
@@ -307,9 +296,17 @@ class HookedLlava(LockingMixin, LoadingMixin, TokensMixin, EntryMixin, WeightsMi
     def _enable_hook(self, name: Any, hook: Any, dir: Literal["fwd", "bwd"]) -> None:
         if isinstance(name, str):
             checks.hook_name(name, self.hook_dict)
+            self.check_hook_fires(name)
         super()._enable_hook(name, hook, dir)
 
     @property
     def hook_names(self) -> Sequence[str]:
         """All hook names, in module order (the order they fire in a forward pass)."""
         return list(self.hook_dict)
+
+
+def _entry(past_kv_cache: PastKV, layer: int) -> KeyValueCacheEntry:
+    entry = past_kv_cache[layer]
+    if entry is None:
+        raise ValueError(f"past_kv_cache has no entry for layer {layer}, which is run: give one per layer run.")
+    return entry

@@ -2,6 +2,8 @@
 
 The tower computes only the blocks up to the deepest selected feature layer: in LLaVA the
 last block and the post-LayerNorm never reach the language model, so they are not built.
+Its blocks follow the model's hook switches (`model.set_use_attn_result(True)` etc. set
+`model.vision.cfg` too): see `hooked_llava.hooking`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import FactoredMatrix
 
-from .components import ACTIVATIONS, MLP, Attention, HookPoint, LayerNorm, TransformerBlock
+from .attention import Attention
+from .components import ACTIVATIONS, MLP, HookPoint, LayerNorm, TransformerBlock
 from .config import ProjectorConfig, VisionConfig
 from .weights import ov_circuit, qk_circuit
 
@@ -32,13 +35,14 @@ class VisionTower(nn.Module):
         self.hook_patch_embed = HookPoint()  # [batch, n_patches, d_model]
         self.hook_pos_embed = HookPoint()  # [batch, 1 + n_patches, d_model]
         self.hook_embed = HookPoint()  # CLS + patches + positions, before ln_pre
-        self.ln_pre = LayerNorm(d, cfg.eps)
+        self.ln_pre = LayerNorm(d, cfg.eps, cfg)
         self.blocks = nn.ModuleList(
             TransformerBlock(
-                Attention(d, cfg.n_heads, cfg.d_head, cfg.n_heads, bias=True, rotary=False),
+                cfg,
+                Attention(cfg, cfg.n_heads, bias=True),
                 MLP(d, cfg.d_mlp, cfg.act_fn),
-                LayerNorm(d, cfg.eps),
-                LayerNorm(d, cfg.eps),
+                LayerNorm(d, cfg.eps, cfg),
+                LayerNorm(d, cfg.eps, cfg),
             )
             for _ in range(cfg.n_layers_computed)
         )
@@ -52,7 +56,7 @@ class VisionTower(nn.Module):
         x = self.ln_pre(self.hook_embed(torch.cat([cls, patches], dim=1) + pos))
         states = [x]
         for block in self.blocks:
-            x, _ = block(x)
+            x = block(x)
             states.append(x)
         features = torch.cat([states[k] for k in self.cfg.feature_layers], dim=-1)
         return features[:, 1:] if self.cfg.select_strategy == "default" else features

@@ -105,13 +105,13 @@ def test_text_only_models_match_hf_and_load_from_shards(text, tmp_path):
         ref = hf(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
         out = model(ids, attention_mask=mask)
     assert (ref - out)[mask.bool()].abs().max() <= 1e-4
-    from test_hooks import GOLDEN_BLOCK, _perturb
+    from test_hooks import GOLDEN_BLOCK, LIVE_SWITCHES, _perturb, live_names
 
     golden = ["hook_embed", *(f"blocks.{l}.{n}" for l in range(3) for n in GOLDEN_BLOCK)]
     assert model.vision is None and model.hook_names == golden + ["ln_final.hook_scale", "ln_final.hook_normalized"]
-    with torch.no_grad():
-        clean, cache = model.run_with_cache(ids, attention_mask=mask)
-        for name in model.hook_names:  # every hook is live
+    with torch.no_grad(), model.hook_switches(**LIVE_SWITCHES):
+        clean = model(ids, attention_mask=mask)
+        for name in live_names(model):  # every hook is live
             out = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=[(name, _perturb)])
             assert (out - clean)[mask.bool()].abs().max() > 1e-4, name
 
@@ -142,17 +142,22 @@ def _golden(model):
 def test_golden_hook_names_and_liveness(build):
     kind, text = build.split("-")
     model, _ = _next(text) if kind == "next" else _llava(text)
+    from test_hooks import LIVE_SWITCHES, default_names, live_names
+
     assert model.hook_names == _golden(model)
     inputs = model.prepare(images=[_image(SIZES[0]), _image(SIZES[1], 1)], prompts=PROMPTS)
     with torch.no_grad():
+        _, cache = model.run_with_cache(inputs)
+    assert set(cache.keys()) == set(default_names(model))
+    with torch.no_grad(), model.hook_switches(**LIVE_SWITCHES):
         clean, cache = model.run_with_cache(inputs)
-    assert set(cache.keys()) == set(model.hook_names)
+    assert set(cache.keys()) == set(live_names(model))
     dead = []
-    for name in model.hook_names:
+    for name in live_names(model):
         perturb = lambda x, hook: x * 1.5 + 0.1 * torch.randn_like(x)
         if name.endswith("hook_pattern"):
             perturb = lambda x, hook: torch.softmax(torch.randn_like(x), -1) * (x > 0)
-        with torch.no_grad():
+        with torch.no_grad(), model.hook_switches(**LIVE_SWITCHES):
             out = model.run_with_hooks(inputs, fwd_hooks=[(name, perturb)])
         if (out - clean)[inputs.attention_mask.bool()].abs().max() < 1e-4:
             dead.append(name)

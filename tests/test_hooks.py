@@ -7,6 +7,10 @@ import torch
 
 GOLDEN_BLOCK = [
     "hook_resid_pre",
+    "hook_attn_in",
+    "hook_q_input",
+    "hook_k_input",
+    "hook_v_input",
     "ln1.hook_scale",
     "ln1.hook_normalized",
     "attn.hook_q",
@@ -20,6 +24,7 @@ GOLDEN_BLOCK = [
     "attn.hook_result",
     "hook_attn_out",
     "hook_resid_mid",
+    "hook_mlp_in",
     "ln2.hook_scale",
     "ln2.hook_normalized",
     "mlp.hook_pre",
@@ -29,6 +34,19 @@ GOLDEN_BLOCK = [
     "hook_resid_post",
 ]
 VISION_BLOCK = [n for n in GOLDEN_BLOCK if "rot_" not in n and "pre_linear" not in n]
+# Hooks that, as in TransformerLens, exist but only fire once their switch is on.
+OFF_BY_DEFAULT = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input", "attn.hook_result", "hook_mlp_in")
+# Every switch a grouped-query model allows (use_attn_in is for multi-head attention: see test_tl_dropin).
+LIVE_SWITCHES = dict(use_attn_result=True, use_split_qkv_input=True, use_hook_mlp_in=True)
+
+
+def default_names(model) -> list[str]:
+    return [n for n in model.hook_names if not n.endswith(OFF_BY_DEFAULT)]
+
+
+def live_names(model) -> list[str]:
+    """The hooks that fire under `LIVE_SWITCHES`."""
+    return [n for n in model.hook_names if not n.endswith("hook_attn_in")]
 
 
 def golden_names(n_vision: int, n_layers: int) -> list[str]:
@@ -54,7 +72,11 @@ def test_hooks_fire_in_the_listed_order(tiny, batch):
     model, _ = tiny
     fired: list[str] = []
     model.run_with_hooks(batch, fwd_hooks=[(lambda n: True, lambda x, hook: fired.append(hook.name))])
-    assert fired == model.hook_names
+    assert fired == default_names(model)
+    fired.clear()
+    with model.hook_switches(**LIVE_SWITCHES):  # per-head inputs run the first norm once per input
+        model.run_with_hooks(batch, fwd_hooks=[(lambda n: True, lambda x, hook: fired.append(hook.name))])
+    assert list(dict.fromkeys(fired)) == live_names(model)
     assert not any(hp.has_hooks() for hp in model.hook_dict.values())
 
 
@@ -69,14 +91,16 @@ def _perturb(x, hook):
 def test_perturbing_every_cached_hook_changes_the_logits(tiny, batch):
     model, _ = tiny
     with torch.no_grad():
-        clean, cache = model.run_with_cache(batch)
-    assert set(cache.keys()) == set(model.hook_names)
+        _, cache = model.run_with_cache(batch)
+    assert set(cache.keys()) == set(default_names(model))
     dead = []
-    for name in model.hook_names:
-        with torch.no_grad():
+    with torch.no_grad(), model.hook_switches(**LIVE_SWITCHES):
+        clean, cache = model.run_with_cache(batch)
+        assert set(cache.keys()) == set(live_names(model))
+        for name in live_names(model):
             patched = model.run_with_hooks(batch, fwd_hooks=[(name, _perturb)])
-        if (patched - clean)[batch.attention_mask.bool()].abs().max() < 1e-4:
-            dead.append(name)
+            if (patched - clean)[batch.attention_mask.bool()].abs().max() < 1e-4:
+                dead.append(name)
     assert dead == []
 
 
@@ -129,7 +153,8 @@ def test_in_place_edits_of_head_results_are_live(tiny, batch):
 
     with torch.no_grad():
         clean = model(batch)
-        edited = model.run_with_hooks(batch, fwd_hooks=[("blocks.1.attn.hook_result", zero_head)])
+        with model.hook_switches(use_attn_result=True):
+            edited = model.run_with_hooks(batch, fwd_hooks=[("blocks.1.attn.hook_result", zero_head)])
         _, cache = model.run_with_cache(batch, names_filter=["blocks.1.attn.hook_z"])
 
         def zero_z(x, hook):

@@ -109,7 +109,8 @@ def test_eager_and_fused_attention_paths_agree(tiny, batch):
     with torch.no_grad():
         fused = model(batch)
         eager = model.run_with_hooks(batch, fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda x, hook: x)])
-        per_head = model.run_with_hooks(batch, fwd_hooks=[(lambda n: n.endswith("hook_result"), lambda x, hook: x)])
+        with model.hook_switches(use_attn_result=True):
+            per_head = model.run_with_hooks(batch, fwd_hooks=[(lambda n: n.endswith("hook_result"), lambda x, hook: x)])
     real = batch.attention_mask.bool()
     torch.testing.assert_close(fused[real], eager[real], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused[real], per_head[real], atol=1e-5, rtol=1e-5)

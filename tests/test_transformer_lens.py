@@ -135,5 +135,6 @@ def test_mha_tiny_model_stack_head_results(batch):
     model, _ = tiny_model(seed=1, n_kv_heads=None)
     _, cache = model.run_with_cache(batch, names_filter=lambda n: "result" not in n)
     heads = cache.stack_head_results(layer=1)
-    _, full = model.run_with_cache(batch, names_filter="blocks.0.attn.hook_result")
+    with model.hook_switches(use_attn_result=True):
+        _, full = model.run_with_cache(batch, names_filter="blocks.0.attn.hook_result")
     torch.testing.assert_close(heads, full["blocks.0.attn.hook_result"].permute(2, 0, 1, 3), atol=1e-5, rtol=1e-5)
