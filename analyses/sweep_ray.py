@@ -70,21 +70,10 @@ class _Worker:
         from hooked_llava import HookedLlava
 
         device = "cuda" if ray.get_gpu_ids() else "cpu"
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(max(1, int(cpus)))  # its share of the node: workers do not oversubscribe it
         self.model = HookedLlava.from_pretrained(model, device=device, **dict(load))
         torch.set_grad_enabled(False)
-
-    def _ask(self, method: str, *args: Any) -> list:
-        """Call `method` on every actor, waiting (up to WAIT_S) for any that is restarting."""
-        import ray
-
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            try:
-                return ray.get([getattr(actor, method).remote(*args) for actor in self.actors])
-            except ray.exceptions.ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(PROBE_S)
 
     def settings(self, flows: list[str], window: int, lens: bool, data: Mapping[str, Any] | None) -> dict:
         return sweep_settings(self.model, flows, window, lens, data)
@@ -154,6 +143,19 @@ class RaySweepPool:
     def pids(self) -> list[int]:
         """The process id of every actor (tests kill one to check that nothing is lost)."""
         return self._ask("pid")
+
+    def _ask(self, method: str, *args: Any) -> list:
+        """Call `method` on every actor, waiting (up to WAIT_S) for any that is restarting."""
+        import ray
+
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            try:
+                return ray.get([getattr(actor, method).remote(*args) for actor in self.actors])
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(PROBE_S)
 
     def settings(self, flows: list[str], window: int, lens: bool, data: Mapping[str, Any] | None) -> dict:
         """The sweep settings as the actors see them; actors that loaded different models are an error."""
@@ -301,12 +303,13 @@ class _Run:
 
 def run_sweep_ray(model: str | Path, examples: Iterable[SweepExample], out_dir: str | Path, *,
                   workers: int | None = None, address: str | bool | None = None,
-                  load: Mapping[str, Any] | None = None, **sweep: Any) -> dict[str, pd.DataFrame]:  # fmt: skip
+                  load: Mapping[str, Any] | None = None, cpus_per_worker: float = 1,
+                  **sweep: Any) -> dict[str, pd.DataFrame]:  # fmt: skip
     """`run_sweep` sharded over `workers` Ray actors that each load `model` (see `RaySweepPool`);
     the other keyword arguments are `run_sweep`'s. The actors stop when it returns.
 
     Example:
         >>> tables = run_sweep_ray("shapes-llava", shapes_examples(5), "runs/shapes", workers=2)
     """
-    with RaySweepPool(model, workers=workers, address=address, load=load) as pool:
+    with RaySweepPool(model, workers=workers, address=address, load=load, cpus_per_worker=cpus_per_worker) as pool:
         return pool.sweep(examples, out_dir, **sweep)
