@@ -109,7 +109,7 @@ class RaySweepPool:
 
     def __init__(self, model: str | Path, workers: int | None = None, address: str | bool | None = None,
                  load: Mapping[str, Any] | None = None, gpus_per_worker: float | None = None,
-                 cpus_per_worker: float = 1, max_restarts: int = 4):  # fmt: skip
+                 cpus_per_worker: float = 1.0, max_restarts: int = 4):  # fmt: skip
         ray = _import_ray()
         self._started = not ray.is_initialized()
         if self._started:
@@ -303,7 +303,7 @@ class _Run:
 
 def run_sweep_ray(model: str | Path, examples: Iterable[SweepExample], out_dir: str | Path, *,
                   workers: int | None = None, address: str | bool | None = None,
-                  load: Mapping[str, Any] | None = None, cpus_per_worker: float = 1,
+                  load: Mapping[str, Any] | None = None, cpus_per_worker: float = 1.0,
                   **sweep: Any) -> dict[str, pd.DataFrame]:  # fmt: skip
     """`run_sweep` sharded over `workers` Ray actors that each load `model` (see `RaySweepPool`);
     the other keyword arguments are `run_sweep`'s. The actors stop when it returns.
