@@ -17,7 +17,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from analyses.sweep import collect, run_sweep, shapes_examples  # noqa: E402
+from analyses.gqa import ImageFile  # noqa: E402
+from analyses.sweep import BadExampleError, SweepExample, collect, run_sweep, shapes_examples  # noqa: E402
 from analyses.sweep_ray import RaySweepPool  # noqa: E402
 from hooked_llava import HookedLlava  # noqa: E402
 
@@ -104,6 +105,19 @@ def test_a_killed_worker_loses_nothing(pool, examples, single, tmp_path):
     assert sorted(finished) == sorted(ex.id for ex in examples)  # each stored once
     assert len(list((tmp_path / "examples").glob("*.examples.csv"))) == len(examples)
     _assert_same(tables, single[0])
+
+
+def test_a_bad_example_on_a_worker_is_listed_or_stops_the_sweep(pool, examples, single, tmp_path):
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")  # the driver keys it; the worker cannot decode it
+    bad = SweepExample("bad", "Colour", examples[0].prompt, "red", ImageFile(tmp_path / "broken.jpg"), [], "row 9")
+    listed: list[dict] = []
+    tables = pool.sweep([*examples[:3], bad, examples[3]], tmp_path / "a", progress=False, bad_rows=listed, **SETTINGS)
+    assert [row["id"] for row in listed] == ["bad"] and "row 9: the image could not be read" in listed[0]["error"]
+    ids = [ex.id for ex in examples[:4]]
+    _assert_same(tables, {n: t[t["id"].isin(ids)].reset_index(drop=True) for n, t in single[0].items() if len(t)})
+    with pytest.raises(BadExampleError, match="row 9: the image could not be read"):
+        pool.sweep([bad, *examples[:2]], tmp_path / "b", progress=False, **SETTINGS)
+    assert set(collect(tmp_path / "b")["examples"]["id"]) <= {ex.id for ex in examples[:2]}  # none half-written
 
 
 def test_a_killed_driver_resumes_without_recomputing(cluster, pool, examples, single, tmp_path):
