@@ -95,8 +95,8 @@ class RaySweepPool:
     Args:
         model: a shipped name, local directory or hub id, loaded by every actor with `from_pretrained`.
         workers: number of actors (default: one per GPU of the cluster, else 1).
-        address: a Ray cluster address; None or True: the running Ray session, `RAY_ADDRESS`, or a
-            new local cluster.
+        address: a Ray cluster address; None or True: `RAY_ADDRESS` or a new local cluster. A process
+            that already runs Ray (`ray.init` was called) uses its session.
         load: further `from_pretrained` arguments (dtype, fold_ln, ...); the device is the actor's.
         gpus_per_worker: default 1 when the cluster has GPUs, else 0.
         cpus_per_worker: CPUs reserved per actor (torch uses that many threads).
@@ -110,6 +110,8 @@ class RaySweepPool:
     def __init__(self, model: str | Path, workers: int | None = None, address: str | bool | None = None,
                  load: Mapping[str, Any] | None = None, gpus_per_worker: float | None = None,
                  cpus_per_worker: float = 1.0, max_restarts: int = 4):  # fmt: skip
+        if workers is not None and workers < 1:
+            raise ValueError(f"workers must be at least 1 (got {workers}).")
         ray = _import_ray()
         self._started = not ray.is_initialized()
         if self._started:
@@ -117,12 +119,9 @@ class RaySweepPool:
         gpus = ray.cluster_resources().get("GPU", 0)
         gpus_per_worker = (1 if gpus else 0) if gpus_per_worker is None else gpus_per_worker
         workers = workers or (int(gpus) if gpus else 1)
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1 (got {workers}).")
         actor = ray.remote(_Worker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
                                             max_restarts=max_restarts, max_task_retries=0)  # fmt: skip
         self.actors = [actor.remote(str(model), dict(load or {})) for _ in range(workers)]
-        self.max_restarts = max_restarts
 
     def __enter__(self) -> RaySweepPool:
         return self

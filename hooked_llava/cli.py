@@ -135,6 +135,9 @@ def sweep(args: argparse.Namespace) -> int:
         print("hooked-llava sweep: --workers needs --ray (Ray workers); without it the sweep runs in this process",
               file=sys.stderr)  # fmt: skip
         return 2
+    if args.workers is not None and args.workers < 1:
+        print(f"hooked-llava sweep: --workers must be at least 1 (got {args.workers})", file=sys.stderr)
+        return 2
     if args.csv and not args.images:
         print("hooked-llava sweep: --csv needs --images, the folder of the CSV's images", file=sys.stderr)
         return 2

@@ -404,6 +404,8 @@ def test_a_sweep_without_ray_never_imports_it(tmp_path):
 def test_workers_need_ray(cli, tmp_path, capsys):
     assert cli("--shapes", 1, "--workers", 2, "--out", tmp_path) == 2
     assert "--workers needs --ray" in capsys.readouterr().err
+    assert cli("--shapes", 1, "--ray", "--workers", 0, "--out", tmp_path) == 2
+    assert "--workers must be at least 1 (got 0)" in capsys.readouterr().err
     assert not (tmp_path / "settings.json").exists()
 
 
