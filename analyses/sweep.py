@@ -157,21 +157,33 @@ def _is_done(done_dir: Path, ex: SweepExample) -> bool:
     return same
 
 
-def _sweep_one(model: HookedLlava, ex: SweepExample, done_dir: Path, flows: list[str], window: int,
-               lens: bool) -> None:  # fmt: skip
-    key = _guarded("key", ex, lambda: example_key(ex))
+def _compute(model: HookedLlava, ex: SweepExample, flows: list[str], window: int,
+             lens: bool) -> dict[str, pd.DataFrame]:  # fmt: skip
+    """One example's tables (what a Ray worker returns); a bad image or answer is a `BadExampleError`."""
     image = _guarded("pixels", ex, ex.load_image)
     try:
         target = answer_token(model, ex.answer)
     except ValueError as err:
         raise BadExampleError(f"{ex.origin or ex.id}: {err}") from err
-    results = _one(model, ex, image, target, flows, window, lens)
-    for name in TABLES:  # stale files of a changed example go; "examples" is written last: it marks it done
-        (done_dir / f"{ex.id}.{name}.csv").unlink(missing_ok=True)
-    (done_dir / f"{ex.id}.key.json").write_text(json.dumps(key))
+    return _one(model, ex, image, target, flows, window, lens)
+
+
+def _store(done_dir: Path, ex_id: str, key: dict[str, Any], results: Mapping[str, pd.DataFrame]) -> None:
+    """Write one example's files, each atomically; "examples" is written last: it marks the example done."""
+    for name in TABLES:  # stale files of a changed example go first
+        (done_dir / f"{ex_id}.{name}.csv").unlink(missing_ok=True)
+    tmp = done_dir / f"{ex_id}.key.tmp"
+    tmp.write_text(json.dumps(key))
+    os.replace(tmp, done_dir / f"{ex_id}.key.json")
     for name in ("knockout", "lens", "examples"):
         if name in results:
-            _write_atomic(results[name], done_dir / f"{ex.id}.{name}.csv")
+            _write_atomic(results[name], done_dir / f"{ex_id}.{name}.csv")
+
+
+def _sweep_one(model: HookedLlava, ex: SweepExample, done_dir: Path, flows: list[str], window: int,
+               lens: bool) -> None:  # fmt: skip
+    key = _guarded("key", ex, lambda: example_key(ex))
+    _store(done_dir, ex.id, key, _compute(model, ex, flows, window, lens))
 
 
 def _check_ids(examples: list[SweepExample]) -> None:

@@ -126,6 +126,7 @@ def sweep(args: argparse.Namespace) -> int:
     message naming the row, after writing the tables of the finished examples; with
     --skip-bad-rows it is skipped and listed in errors.csv. Other settings than the folder's are
     refused unless --force (see `analyses.sweep_keys`). Rel. changes are in %, `delta_log_prob` in nats.
+    With --ray the examples are sharded over Ray actors that each load --model (`analyses.sweep_ray`).
     """
     from analyses.gqa import GQAFormatError
     from analyses.sweep import BadExampleError, collect, run_sweep
@@ -133,6 +134,13 @@ def sweep(args: argparse.Namespace) -> int:
 
     from .model import HookedLlava
 
+    if args.workers is not None and not args.ray:
+        print("hooked-llava sweep: --workers needs --ray (Ray workers); without it the sweep runs in this process",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.workers is not None and args.workers < 1:
+        print(f"hooked-llava sweep: --workers must be at least 1 (got {args.workers})", file=sys.stderr)
+        return 2
     if args.csv and not args.images:
         print("hooked-llava sweep: --csv needs --images, the folder of the CSV's images", file=sys.stderr)
         return 2
@@ -142,13 +150,17 @@ def sweep(args: argparse.Namespace) -> int:
     except GQAFormatError as err:
         print(f"hooked-llava sweep: {err} (--skip-bad-rows skips such rows)", file=sys.stderr)
         return 2
-    model = HookedLlava.from_pretrained(args.model)
     flows = args.flows.split(",") if args.flows else None
     out, failure = Path(args.out), None
+    settings = dict(flows=flows, window=args.window, lens=args.lens, data=data, force=args.force, bad_rows=bad_rows)
     try:
-        tables = run_sweep(model, examples, out, flows=flows, window=args.window, lens=args.lens, data=data,
-                           force=args.force, bad_rows=bad_rows)  # fmt: skip
-    except SettingsChangedError as err:
+        if args.ray:  # the actors load the model; the driver only keeps the store
+            from analyses.sweep_ray import run_sweep_ray
+
+            tables = run_sweep_ray(args.model, examples, out, workers=args.workers, address=args.ray, **settings)
+        else:
+            tables = run_sweep(HookedLlava.from_pretrained(args.model), examples, out, **settings)
+    except (SettingsChangedError, ImportError) as err:  # ImportError: --ray without the ray extra
         print(f"hooked-llava sweep: {err}", file=sys.stderr)
         return 2
     except BadExampleError as err:  # keep what is finished: write the tables of the finished examples
@@ -202,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--out", default="hooked-llava-sweep", help="output folder; a rerun with the same settings resumes")
     sw.add_argument("--force", action="store_true", help="delete results computed with other settings in --out")
     sw.add_argument("--skip-bad-rows", action="store_true", help="skip unreadable rows, listing them in errors.csv")
+    sw.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
+                    help="shard examples over Ray workers (at ADDRESS, else RAY_ADDRESS or local)")  # fmt: skip
+    sw.add_argument("--workers", type=int, default=None, help="Ray workers (default: one per GPU, else 1)")
     sw.set_defaults(run=sweep)
     args = parser.parse_args(argv)
     try:

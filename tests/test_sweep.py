@@ -3,8 +3,12 @@ errors and skippable bad rows, summary tables in named units, the figure and its
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -375,3 +379,37 @@ def test_a_failed_start_records_no_settings(tiny, examples, tmp_path):
     tables = run_sweep(model, examples[1:2], tmp_path, flows=FLOWS, progress=False)
     assert tables["examples"]["id"].tolist() == ["ex-1"]
     assert json.loads((tmp_path / "settings.json").read_text())["flows"] == FLOWS
+
+
+NO_RAY = """
+import sys
+import analyses.sweep_ray, hooked_llava.cli
+from analyses.sweep import SweepExample, run_sweep
+from hooked_llava.testing import random_images, tiny_model
+example = SweepExample("a", "A", sys.argv[2], "red", random_images(1)[0], [(0, 0, 8, 8)])
+run_sweep(tiny_model()[0], [example], sys.argv[1], flows=["image->last"], window=1, progress=False)
+print(sorted(name for name in sys.modules if name.split(".")[0] == "ray"))
+"""
+
+
+def test_a_sweep_without_ray_never_imports_it(tmp_path):
+    """Ray is an optional extra: the package, the CLI and a sweep run without importing it (where it is installed)."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", NO_RAY, str(tmp_path), PROMPT], cwd=root, capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    assert done.stdout.splitlines()[-1] == "[]"
+    assert (tmp_path / "examples" / "a.examples.csv").exists()
+
+
+def test_workers_need_ray(cli, tmp_path, capsys):
+    assert cli("--shapes", 1, "--workers", 2, "--out", tmp_path) == 2
+    assert "--workers needs --ray" in capsys.readouterr().err
+    assert cli("--shapes", 1, "--ray", "--workers", 0, "--out", tmp_path) == 2
+    assert "--workers must be at least 1 (got 0)" in capsys.readouterr().err
+    assert not (tmp_path / "settings.json").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="ray is installed")
+def test_ray_without_the_extra_says_how_to_install_it(cli, tmp_path, capsys):
+    assert cli("--shapes", 1, "--ray", "--workers", 2, "--out", tmp_path) == 2
+    assert 'sweeps on Ray need the ray extra: pip install -e ".[ray]"' in capsys.readouterr().err
