@@ -149,12 +149,12 @@ def test_hooked_from_pretrained_matches_hf_offline(name, monkeypatch):
 def test_main_command_explains_the_shipped_model(tmp_path, capsys):
     """`hooked-llava explain` with no model argument uses the shipped checkpoint and writes the report."""
     from hooked_llava.cli import main
-    from hooked_llava.shapes import ShapesWorld
+    from hooked_llava.cli_inputs import DEFAULT_SCENE, scene
 
     assert main(["explain", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "tiny random" not in printed
     page = (tmp_path / "report.html").read_text()
     assert len(list(tmp_path.glob("*.png"))) == 6
-    example = ShapesWorld(seed=2024).example(0, "Colour")  # the command's default question
-    assert f"A: <b>{example.answer}</b>" in page, "the shipped model should answer the default question correctly"
+    example = scene(DEFAULT_SCENE)  # the command's default question
+    assert f"Answer: <b>{example.answer}</b>" in page, "the shipped model should answer the default question correctly"
