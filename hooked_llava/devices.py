@@ -19,13 +19,15 @@ A model on one device gets no plan and no pre-hooks: its forward is unchanged.
 Parameter memory per part (`part_bytes`; parameters × bytes per dtype, float16/bfloat16 = 2 bytes;
 the vision tower holds the computed CLIP blocks only; activations and KV cache come on top):
 
-    | model (fp16)            | vision  | projector | embed   | one block | all blocks | ln_final | unembed | total    |
-    |-------------------------|---------|-----------|---------|-----------|------------|----------|---------|----------|
-    | LLaVA-1.5-7B  (32 blk)  | 582 MB  | 42 MB     | 263 MB  | 405 MB    | 12.94 GB   | 8 kB     | 263 MB  | 14.09 GB |
-    | LLaVA-1.5-13B (40 blk)  | 582 MB  | 63 MB     | 328 MB  | 634 MB    | 25.37 GB   | 10 kB    | 328 MB  | 26.67 GB |
-    | LLaVA-NeXT-34B (60 blk) | 582 MB  | 118 MB    | 918 MB  | 972 MB    | 58.34 GB   | 14 kB    | 918 MB  | 60.95 GB |
+    | model (float16)     | vision | projector | embed  | one block | all blocks | ln_final | unembed | total    |
+    |---------------------|--------|-----------|--------|-----------|------------|----------|---------|----------|
+    | LLaVA-1.5-7B, 32 blocks | 582 MB | 42 MB | 263 MB | 405 MB | 12.95 GB | 8 kB | 263 MB | 14.10 GB |
+    | LLaVA-1.5-13B, 40 blocks | 582 MB | 63 MB | 328 MB | 634 MB | 25.38 GB | 10 kB | 328 MB | 26.68 GB |
+    | LLaVA-NeXT-34B, 60 blocks | 582 MB | 117 MB | 918 MB | 1.12 GB | 66.94 GB | 14 kB | 918 MB | 69.48 GB |
 
-(MB = 10^6 bytes; float32 doubles every figure. `tests/test_devices.py` recomputes this table.)
+(MB = 10^6 bytes, GB = 10^9; float32 doubles every figure. So the 7B fits one 24 GB GPU, the 13B two,
+and the 34B (Yi-34B with grouped KV heads) needs two 40 GB or one 80 GB GPU for its weights alone.
+`tests/test_devices.py` recomputes this table from the published configs.)
 """
 
 from __future__ import annotations
