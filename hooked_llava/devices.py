@@ -7,7 +7,10 @@ registers forward pre-hooks that move a module's tensor inputs onto its device, 
 stream follows the blocks (and hooks, `run_with_cache`, patching, `run_blocks` and `generate` work
 unchanged: each cached activation stays on the device of the part that made it; pass
 `run_with_cache(..., device="cpu")` to gather them for cache methods that stack layers).
-A model on one device gets no plan and no pre-hooks: its forward is unchanged.
+A model on one device gets no plan and no pre-hooks: its forward is unchanged. On a placed model,
+logits come back on the "unembed" device and `generate`'s tokens on the "embed" device; stacked
+weight views across blocks (`model.W_Q`, ...) need the blocks on one device, and moving a placed
+model again (`model.to(...)`) is not supported: load it again with another `device_map`.
 
 `device_map` may be:
     - "auto": every visible CUDA device (CPU alone when there is none), parts split as below;
