@@ -284,3 +284,14 @@ def test_split_across_the_gpu_and_the_cpu_matches_the_single_device_forward(pair
     assert cache["blocks.0.hook_resid_pre"].device.type == "cuda" and cache["ln_final.hook_scale"].device.type == "cpu"
     greedy = dict(max_new_tokens=3, do_sample=False, stop_at_eos=False, verbose=False)
     assert torch.equal(split.generate(inputs, **greedy).cuda(), model.generate(inputs, **greedy))
+
+
+def test_from_pretrained_places_a_text_model_and_checks_the_map_first():
+    with pytest.raises(ValueError, match=re.escape("places no device for embed, ln_final, unembed")):
+        HookedLlava.from_pretrained("shapes-lm", device_map={"blocks": "cpu"})
+    model = HookedLlava.from_pretrained("shapes-lm")
+    split = HookedLlava.from_pretrained("shapes-lm", device_map=["cpu:0", "cpu:1"])
+    assert list(split.device_plan())[:2] == ["embed", "blocks.0"]  # no vision parts in a text model
+    assert set(split.device_plan().values()) == {C("cpu", 0), C("cpu", 1)}
+    tokens = model.to_tokens("the red circle is on the left")
+    assert torch.equal(split(tokens), model(tokens))
