@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import devices
 from .inputs import LlavaInputs
 from .kv_cache import KeyValueCache
 from .locking import locked
@@ -126,14 +127,15 @@ class GenerationMixin:
         mask, positions = inputs.attention_mask, inputs.position_ids()
         x = self.embed_inputs(inputs) if use_past_kv_cache else None  # type: ignore[attr-defined]
         tokens, done = inputs.input_ids, torch.zeros(len(inputs), dtype=torch.bool, device=mask.device)
-        past = KeyValueCache.init_cache(self.cfg, mask.device, len(inputs)) if use_past_kv_cache else None
+        layer_devices = devices.block_devices(self, mask.device)  # a placed model: each layer's own device
+        past = KeyValueCache.init_cache(self.cfg, layer_devices, len(inputs)) if use_past_kv_cache else None
         for _ in tqdm(range(max_new_tokens), disable=not verbose):
             if use_past_kv_cache:  # the cache's entries grow in place
                 x = self.run_blocks(x, mask, positions, past_kv_cache=past)  # type: ignore[attr-defined]
             else:
                 seq = LlavaInputs(input_ids=tokens, attention_mask=mask)  # positions of the whole sequence
                 x = self.run_blocks(self._embed_all(inputs, tokens), mask, seq.position_ids())  # type: ignore[attr-defined]
-            logits = self.unembed(self.ln_final(x[:, -1:]))[:, 0]  # type: ignore[attr-defined]
+            logits = self.unembed(self.ln_final(x[:, -1:]))[:, 0].to(tokens.device)  # type: ignore[attr-defined]
             nxt = (
                 _sample(logits, temperature, top_k, top_p, freq_penalty, tokens, gen)
                 if do_sample

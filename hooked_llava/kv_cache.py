@@ -75,7 +75,12 @@ class KeyValueCache:
 
     @classmethod
     def init_cache(cls, cfg: Any, device: Any = None, batch_size: int = 1) -> KeyValueCache:
-        return cls([KeyValueCacheEntry.init_cache_entry(cfg, device, batch_size) for _ in range(cfg.n_layers)])
+        """Empty entries for every layer, on `device`, or on `device[layer]` when it is a list (a model
+        placed across devices keeps each layer's keys and values on that layer's device)."""
+        per_layer = device if isinstance(device, (list, tuple)) else [device] * cfg.n_layers
+        if len(per_layer) != cfg.n_layers:
+            raise ValueError(f"give one device per layer: {len(per_layer)} devices for {cfg.n_layers} layers.")
+        return cls([KeyValueCacheEntry.init_cache_entry(cfg, d, batch_size) for d in per_layer])
 
     def __getitem__(self, layer: int) -> KeyValueCacheEntry:
         return self.entries[layer]

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from . import devices
 from .checkpoint_files import load_weights, read_json, regular_file, weight_files
 from .config import InvalidConfigError, configs_from_hf
 from .convert import CheckpointError, convert
@@ -94,6 +95,15 @@ def _dtype(hf_config: Any, dtype: Any) -> torch.dtype:
     return value if isinstance(value, torch.dtype) else torch.float32
 
 
+def _placed(model: Any, device_map: Any, fold_ln: bool, center_unembed: bool) -> Any:
+    plan = devices.plan_devices(model.cfgs, device_map, devices.part_numels(model))
+    if fold_ln or center_unembed:
+        model.process_weights(fold_ln=fold_ln, center_unembed=center_unembed)
+    devices.place(model, plan)
+    model.cfg.device = str(plan["embed"])
+    return model
+
+
 class LoadingMixin:
     """`from_hf` and `from_pretrained` constructors."""
 
@@ -107,7 +117,10 @@ class LoadingMixin:
         processor: Any,
         fold_ln: bool,
         center_unembed: bool,
+        device_map: Any = None,
     ) -> Any:
+        if device_map is not None and device is not None:
+            raise ValueError("pass either device= (one device) or device_map= (several), not both.")
         cfgs = configs_from_hf(hf_config, dtype)  # validates the config first
         text = getattr(hf_config, "text_config", hf_config)
         tied = bool(getattr(hf_config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
@@ -122,10 +135,12 @@ class LoadingMixin:
             raise CheckpointError(
                 f"converted checkpoint does not fit the model: missing {missing}, unexpected {unexpected}"
             )
+        model.eval()
+        if device_map is not None:  # weights are processed on the CPU, before any part is placed
+            return _placed(model, device_map, fold_ln, center_unembed)
         device = device or "cpu"
         model.cfg.device = str(device)
         model = model.to(device)
-        model.eval()
         if fold_ln or center_unembed:
             model.process_weights(fold_ln=fold_ln, center_unembed=center_unembed)
         return model
@@ -140,12 +155,14 @@ class LoadingMixin:
         device: Any = None,
         fold_ln: bool = False,
         center_unembed: bool = False,
+        device_map: Any = None,
     ) -> Any:
         """Build from a loaded `LlavaForConditionalGeneration` (or `LlamaForCausalLM`); weights are copied."""
         state = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
         dtype = dtype or next(hf_model.parameters()).dtype
-        device = device or next(hf_model.parameters()).device
-        return cls._build(hf_model.config, state, dtype, device, processor, fold_ln, center_unembed)
+        if device_map is None:
+            device = device or next(hf_model.parameters()).device
+        return cls._build(hf_model.config, state, dtype, device, processor, fold_ln, center_unembed, device_map)
 
     @classmethod
     def from_pretrained(
@@ -158,6 +175,7 @@ class LoadingMixin:
         allow_pickle: bool = False,
         fold_ln: bool = False,
         center_unembed: bool = False,
+        device_map: Any = None,
     ) -> Any:
         """Load a local directory, a shipped model ("shapes-llava", "shapes-lm") or a hub id "org/name".
 
@@ -171,13 +189,19 @@ class LoadingMixin:
                 processor files that do not load are an error unless you pass your own.
             allow_pickle: allow pickled `.bin` weights, loaded with `weights_only=True`.
             fold_ln, center_unembed: weight processing as in legacy TransformerLens.
+            device_map: place the model across devices instead of on `device`: "auto", a number of
+                CUDA devices, a list of devices (e.g. ["cuda:0", "cpu"]) or a dict from parts to devices
+                (see `hooked_llava.devices`, which also tabulates each part's memory for 7B–34B).
 
         Example:
             >>> model = HookedLlava.from_pretrained("shapes-llava")
         """
         directory = resolve(name_or_dir)
         hf_config = _read_config(directory, str(name_or_dir))
-        configs_from_hf(hf_config)  # refuse an unsupported config before reading any weights
+        cfgs = configs_from_hf(hf_config)  # refuse an unsupported config before reading any weights
+        if device_map is not None:  # and a device map that does not fit it
+            devices.plan_devices(cfgs, device_map)
         state = read_checkpoint(directory, allow_pickle)
         processor = processor if processor is not None else _load_processor(directory)
-        return cls._build(hf_config, state, _dtype(hf_config, dtype), device, processor, fold_ln, center_unembed)
+        dtype = _dtype(hf_config, dtype)
+        return cls._build(hf_config, state, dtype, device, processor, fold_ln, center_unembed, device_map)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from transformer_lens import ActivationCache
 from transformer_lens.HookedRootModule import HookedRootModule
 
-from . import checks
+from . import checks, devices
 from . import next as next_
 from .attention import Attention, additive_mask, rotary_cos_sin
 from .components import GatedMLP, HookPoint, RMSNorm, TransformerBlock
@@ -36,6 +36,7 @@ from .weights import WeightsMixin
 
 ReturnType = Literal["logits", "loss", "both"] | None
 PastKV = KeyValueCache | Sequence[KeyValueCacheEntry | None]
+DevicePlan = dict[str, torch.device]
 
 
 def _lm_block(cfg: LanguageConfig, layer: int) -> TransformerBlock:
@@ -65,6 +66,8 @@ class HookedLlava(
         >>> logits, cache = model.run_with_cache(inputs)
         >>> cache["blocks.3.attn.hook_pattern"].shape  # [batch, head, query, key]
     """
+
+    _device_plan: DevicePlan | None = None  # set by `devices.place` when the parts span several devices
 
     def __init__(self, cfgs: LlavaConfigs, processor: Any = None):
         super().__init__()
@@ -152,7 +155,7 @@ class HookedLlava(
             if self.cfgs.pinpoints is not None:
                 features = self.hook_image_features(features)
             placeholder = inputs.image_mask.unsqueeze(-1)
-            embeds = embeds.masked_scatter(placeholder, features.to(embeds.dtype))
+            embeds = embeds.masked_scatter(placeholder, features.to(embeds.device, embeds.dtype))
         return self.hook_embed(embeds)
 
     @locked
@@ -211,6 +214,8 @@ class HookedLlava(
         rotary = rotary_cos_sin(position_ids, self.cfg.d_head, self.cfg.rope_theta, x.dtype)
         for i, block in enumerate(self.blocks[start:stop], start=start):
             entry = None if past_kv_cache is None else _entry(past_kv_cache, i)
+            if self._device_plan is not None:  # the residual, masks and rotary tables follow the blocks
+                x, masks, rotary = devices.to_block(self, i, x, masks, rotary)
             x = block(x, None, entry, additive_attention_mask=masks[windows[i]], rotary=rotary)
         return x
 
@@ -223,14 +228,22 @@ class HookedLlava(
         return additive_mask(mask2d, n_q, n_past, dtype, window, self.w_e.device)
 
     def unembed(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+        if self._device_plan is not None:
+            x = devices.move(x, self._device_plan["unembed"])
         return F.linear(x, self.w_u)
+
+    def device_plan(self) -> DevicePlan:
+        """The device of each part ("vision", "projector", "embed", "blocks.i", "ln_final", "unembed")."""
+        return devices.device_plan(self)
 
     def _output(self, logits: Tensor, inputs: LlavaInputs, return_type: ReturnType, per_token: bool = False) -> Any:
         if return_type is None:
             return None
         if return_type == "logits":
             return logits
-        loss = self.loss_fn(logits, inputs, per_token=per_token)
+        loss = self.loss_fn(
+            logits, inputs if self._device_plan is None else inputs.to(logits.device), per_token=per_token
+        )
         return loss if return_type == "loss" else (logits, loss)
 
     # --- inputs ---------------------------------------------------------------------------
