@@ -32,7 +32,14 @@ PRECISION, RECALL = 0.9, 0.5
 
 
 def attribute_names() -> list[str]:
-    return ["object", *(f"color={c}" for c in COLORS), *(f"shape={s}" for s in SHAPES), "side=left", "side=middle", "side=right"]
+    return [
+        "object",
+        *(f"color={c}" for c in COLORS),
+        *(f"shape={s}" for s in SHAPES),
+        "side=left",
+        "side=middle",
+        "side=right",
+    ]
 
 
 def patch_attributes(world: ShapesWorld, scenes: Sequence[Any]) -> Bool[Tensor, "patch attribute"]:
@@ -48,7 +55,9 @@ def patch_attributes(world: ShapesWorld, scenes: Sequence[Any]) -> Bool[Tensor, 
 
 
 @torch.no_grad()
-def patch_activations(model: Any, hook_name: str, examples: Sequence[Any], batch_size: int = 32) -> Float[Tensor, "patch d"]:
+def patch_activations(
+    model: Any, hook_name: str, examples: Sequence[Any], batch_size: int = 32
+) -> Float[Tensor, "patch d"]:
     """The hook's activation at every image patch of the examples (row-major, example after example)."""
     out = []
     for start in range(0, len(examples), batch_size):

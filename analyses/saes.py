@@ -35,7 +35,9 @@ def _acts_name(sae: Any) -> str:
 
 def _feature(feature: int, sae: Any) -> int:
     if not 0 <= feature < sae.cfg.d_sae:
-        raise IndexError(f"feature {feature} is out of range: the SAE has {sae.cfg.d_sae} features (0..{sae.cfg.d_sae - 1}).")
+        raise IndexError(
+            f"feature {feature} is out of range: the SAE has {sae.cfg.d_sae} features (0..{sae.cfg.d_sae - 1})."
+        )
     return feature
 
 
@@ -117,7 +119,9 @@ def edit_features(
     mask = _position_mask(inputs, positions)
 
     def edit(acts: Tensor, hook: Any) -> Tensor:
-        where = mask.to(acts.device)[..., None] & torch.zeros_like(acts, dtype=torch.bool).index_fill(-1, torch.tensor(feats, device=acts.device), True)
+        where = mask.to(acts.device)[..., None] & torch.zeros_like(acts, dtype=torch.bool).index_fill(
+            -1, torch.tensor(feats, device=acts.device), True
+        )
         return torch.where(where, torch.full_like(acts, value), acts)
 
     with torch.no_grad():

@@ -73,9 +73,32 @@ def evaluate(model: Any, sae: Any, n_per_category: int = 100, seed: int = EVAL_S
     return result
 
 
+def ground_truth(model: Any, sae: Any, n_scenes: int = 300, seed: int = EVAL_SEED) -> dict[str, Any]:
+    """The ground-truth score summary (`analyses.sae_groundtruth`) on held-out scenes."""
+    from analyses import sae_groundtruth as gt
+
+    from .shapes.world import ShapesWorld
+
+    world = ShapesWorld(seed)
+    examples = [world.example(i, "Colour") for i in range(n_scenes)]
+    attrs = gt.patch_attributes(world, [e.scene for e in examples])
+    scores = gt.ground_truth_scores(sae, gt.patch_activations(model, sae.cfg.metadata.hook_name, examples), attrs)
+    per_method, per_attr = gt.summarize(scores)
+    return {
+        "n_scenes": n_scenes,
+        "n_patches": int(attrs.shape[0]),
+        "n_random": int(sae.cfg.d_sae),
+        "per_method": per_method.to_dict("records"),
+        "per_attribute": per_attr.to_dict("records"),
+        "uncaptured_by_sae": per_attr.loc[per_attr["sae"] == 0, "attribute"].tolist(),
+    }
+
+
 def card(metrics: dict[str, Any], training: dict[str, Any]) -> str:
     """The README of a shipped SAE, from `evaluate`'s metrics and the training record."""
     o, s = metrics["original"], metrics["spliced"]
+    accuracy = f"{o['accuracy']:.1f} % → {s['accuracy']:.1f} % ({s['accuracy'] - o['accuracy']:+.1f} points)"
+    prompt_loss = f"{o['next_token_loss']:.3f} → {s['next_token_loss']:.3f}"
     return f"""# {training["name"]}
 
 A TopK sparse autoencoder (SAELens `TopKSAE`, {metrics["d_sae"]} features, k = {training["k"]}) on
@@ -99,19 +122,45 @@ logits, cache = model.run_with_cache_with_saes(inputs, saes=[sae])  # cache["{tr
 
 ## Evaluation
 
-On {metrics["n_questions"]} held-out questions (world seed {metrics["eval_seed"]}, {metrics["n_vectors"]:,} activation vectors):
+On {metrics["n_questions"]} held-out questions (world seed {metrics["eval_seed"]},
+{metrics["n_vectors"]:,} activation vectors):
 
 | metric | value |
 |---|---|
 | fraction of variance explained | {100 * metrics["fve"]:.1f} % |
 | mean L0 (active features per position) | {metrics["mean_l0"]:.1f} |
 | dead features (never active on the evaluation set) | {metrics["dead_features"]} of {metrics["d_sae"]} |
-| visual-QA accuracy, original → SAE in place (no error term) | {o["accuracy"]:.1f} % → {s["accuracy"]:.1f} % ({s["accuracy"] - o["accuracy"]:+.1f} points) |
+| visual-QA accuracy, original → SAE in place (no error term) | {accuracy} |
 | answer-token loss (nats), original → SAE in place | {o["answer_ce"]:.4f} → {s["answer_ce"]:.4f} |
-| next-token loss over the prompt's text (nats), original → SAE in place | {o["next_token_loss"]:.3f} → {s["next_token_loss"]:.3f} |
+| next-token loss over the prompt's text (nats), original → SAE in place | {prompt_loss} |
 
 The prompt's next-token loss is high for both because the model was only trained on answer,
-description and caption tokens. Reproduce the table with `{training["eval_command"]}`.
+description and caption tokens. Reproduce the tables with `{training["eval_command"]}`.
+{_ground_truth_section(metrics.get("ground_truth"))}"""
+
+
+def _ground_truth_section(gt: dict[str, Any] | None) -> str:
+    if gt is None:
+        return ""
+    cells = ("method", "units", "monosemantic", "attributes_captured")
+    rows = "\n".join(
+        "| " + " | ".join(str(m[c]) for c in cells) + f" | {m['median_precision']:.2f} |" for m in gt["per_method"]
+    )
+    missing = ", ".join(gt["uncaptured_by_sae"]) or "none"
+    return f"""
+## Ground-truth score of the features
+
+On the image patches of {gt["n_scenes"]} held-out scenes ({gt["n_patches"]:,} patches), each unit's best
+ground-truth attribute (object present, colour, shape, side; `analyses.sae_groundtruth`). Monosemantic:
+precision ≥ 0.9 at recall ≥ 0.5. SAE features fire when active; the baselines (and the SAE's second row)
+get an oracle threshold per unit and attribute, the highest that keeps recall ≥ 0.5. Neurons are the
+residual dimensions at the same hook, each with both signs; random directions are {gt["n_random"]} unit vectors.
+
+| units | count | monosemantic | attributes captured | median precision of best attribute |
+|---|---|---|---|---|
+{rows}
+
+Attributes no SAE feature captures (active > 0): {missing}.
 """
 
 
@@ -119,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sae", required=True, help="folder of the SAE (cfg.json, sae_weights.safetensors, training.json)")
     p.add_argument("--n", type=int, default=100, help="questions per category")
+    p.add_argument("--scenes", type=int, default=300, help="held-out scenes for the ground-truth score")
     a = p.parse_args(argv)
     from sae_lens import SAE
 
@@ -130,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     training = json.loads((folder / "training.json").read_text())
     model = HookedSAELlava.from_pretrained(training["model"])
     metrics = evaluate(model, sae, a.n)
+    metrics["ground_truth"] = ground_truth(model, sae, a.scenes)
     (folder / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (folder / "README.md").write_text(card(metrics, training))
     return metrics

@@ -190,5 +190,7 @@ class HookedSAELlava(HookedLlava):
 def _hook_of(sae: Any) -> str:
     name = getattr(getattr(getattr(sae, "cfg", None), "metadata", None), "hook_name", None)
     if not isinstance(name, str):
-        raise ValueError("the SAE has no cfg.metadata.hook_name: set it to the hook it reads, e.g. 'blocks.4.hook_resid_post'.")
+        raise ValueError(
+            "the SAE has no cfg.metadata.hook_name: set it to the hook it reads, e.g. 'blocks.4.hook_resid_post'."
+        )
     return name

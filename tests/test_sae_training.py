@@ -30,7 +30,9 @@ def test_batches_are_the_hooks_activations_at_the_chosen_roles(model):
     # a permutation of the image activations: every row is one of them, none twice
     match = torch.cdist(batch, expected).argmin(1)
     assert torch.allclose(batch, expected[match], atol=1e-6) and len(set(match.tolist())) == 64
-    assert torch.equal(batch, ShapesActivations(model, HOOK, seed=3, batch_size=64, examples_per_batch=4, roles=["image"]).batch(2))
+    assert torch.equal(
+        batch, ShapesActivations(model, HOOK, seed=3, batch_size=64, examples_per_batch=4, roles=["image"]).batch(2)
+    )
     assert not torch.equal(batch, source.batch(3))
 
 

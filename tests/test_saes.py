@@ -6,12 +6,14 @@ Needs the `sae` extra (SAELens, which pins TransformerLens 3.x); without it only
 from __future__ import annotations
 
 import importlib
-import shutil
 
 import pytest
 import torch
 
-PROMPTS = ["USER: <image>\nWhat is the color of the circle?\nASSISTANT:", "USER: <image>\nIs the square red?\nASSISTANT:"]
+PROMPTS = [
+    "USER: <image>\nWhat is the color of the circle?\nASSISTANT:",
+    "USER: <image>\nIs the square red?\nASSISTANT:",
+]
 HOOK = "blocks.1.hook_resid_post"
 
 
