@@ -158,3 +158,28 @@ def summarize(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     counts = mono.groupby(["attribute", "method"]).size().unstack(fill_value=0)
     per_attr = counts.reindex(attribute_names(), fill_value=0).reindex(columns=per_method.method, fill_value=0)
     return per_method, per_attr.rename_axis(columns=None).reset_index()
+
+
+def feature_families(
+    fires: Bool[Tensor, "patch unit"], attrs: Bool[Tensor, "patch attribute"], precision: float = PRECISION
+) -> pd.DataFrame:
+    """Per attribute, the family of units that detect it precisely (precision ≥ `precision`, any recall),
+    and the precision and recall of the family together (a patch counts when any member fires).
+
+    Split features are each narrow (low recall) yet can jointly cover an attribute; this measures that.
+    """
+    p, _ = precision_recall(fires, attrs)
+    rows = []
+    for j, name in enumerate(attribute_names()):
+        members = (p[:, j] >= precision) & fires.any(0)
+        union = fires[:, members].any(1)
+        hits = int((union & attrs[:, j]).sum())
+        rows.append(
+            dict(
+                attribute=name,
+                features=int(members.sum()),
+                family_precision=hits / max(int(union.sum()), 1),
+                family_recall=hits / max(int(attrs[:, j].sum()), 1),
+            )
+        )
+    return pd.DataFrame(rows)

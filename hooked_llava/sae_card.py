@@ -82,8 +82,11 @@ def ground_truth(model: Any, sae: Any, n_scenes: int = 300, seed: int = EVAL_SEE
     world = ShapesWorld(seed)
     examples = [world.example(i, "Colour") for i in range(n_scenes)]
     attrs = gt.patch_attributes(world, [e.scene for e in examples])
-    scores = gt.ground_truth_scores(sae, gt.patch_activations(model, sae.cfg.metadata.hook_name, examples), attrs)
+    acts = gt.patch_activations(model, sae.cfg.metadata.hook_name, examples)
+    scores = gt.ground_truth_scores(sae, acts, attrs)
     per_method, per_attr = gt.summarize(scores)
+    with torch.no_grad():
+        families = gt.feature_families(sae.encode(acts) > 0, attrs)
     return {
         "n_scenes": n_scenes,
         "n_patches": int(attrs.shape[0]),
@@ -91,6 +94,7 @@ def ground_truth(model: Any, sae: Any, n_scenes: int = 300, seed: int = EVAL_SEE
         "per_method": per_method.to_dict("records"),
         "per_attribute": per_attr.to_dict("records"),
         "uncaptured_by_sae": per_attr.loc[per_attr["sae"] == 0, "attribute"].tolist(),
+        "families": families.to_dict("records"),
     }
 
 
@@ -118,7 +122,8 @@ logits, cache = model.run_with_cache_with_saes(inputs, saes=[sae])  # cache["{tr
 ## Training
 
 `{training["command"]}` — {training["samples"]:,} activation vectors in batches of {training["batch_size"]}
-(world seed {training["seed"]}), {training["minutes"]:.1f} min wall-clock on a 2-core CPU machine with 1 torch thread.
+(world seed {training["seed"]}), {training["minutes"]:.1f} min wall-clock ({training["cpu_minutes"]:.1f} min of process
+CPU time) on a 2-core CPU machine with 1 torch thread. {training.get("note", "")}
 
 ## Evaluation
 
@@ -147,6 +152,10 @@ def _ground_truth_section(gt: dict[str, Any] | None) -> str:
         "| " + " | ".join(str(m[c]) for c in cells) + f" | {m['median_precision']:.2f} |" for m in gt["per_method"]
     )
     missing = ", ".join(gt["uncaptured_by_sae"]) or "none"
+    families = "\n".join(
+        f"| {f['attribute']} | {f['features']} | {f['family_precision']:.2f} | {f['family_recall']:.2f} |"
+        for f in gt["families"]
+    )
     return f"""
 ## Ground-truth score of the features
 
@@ -160,7 +169,14 @@ residual dimensions at the same hook, each with both signs; random directions ar
 |---|---|---|---|---|
 {rows}
 
-Attributes no SAE feature captures (active > 0): {missing}.
+Attributes no single SAE feature captures (active > 0): {missing}.
+
+Features split attributes finely: many are precise but narrow. Grouping, per attribute, the features
+with precision ≥ 0.9 for it (a patch counts when any of them is active):
+
+| attribute | precise features | family precision | family recall |
+|---|---|---|---|
+{families}
 """
 
 

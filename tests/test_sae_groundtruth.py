@@ -85,3 +85,15 @@ def test_an_sae_of_attribute_detectors_is_monosemantic_and_random_directions_are
     assert counts.loc["sae", "monosemantic"] == len(present) == counts.loc["sae", "attributes_captured"]
     assert counts.loc["random (oracle threshold)", "attributes_captured"] < len(present)
     assert per_attr.set_index("attribute").loc[present, "sae"].eq(1).all()
+
+
+def test_feature_families_cover_an_attribute_together():
+    from analyses.sae_groundtruth import feature_families
+
+    attrs = torch.zeros(6, len(attribute_names()), dtype=torch.bool)
+    attrs[:4, 0] = True  # "object" on patches 0-3
+    fires = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1], [0, 0, 0]], dtype=torch.bool)
+    table = feature_families(fires, attrs).set_index("attribute")
+    # units 0 and 1 are precise for "object" (1/1, 2/2); unit 2 is not (1/2): the family covers 3 of 4 patches
+    assert table.loc["object"].tolist() == [2, 1.0, 0.75]
+    assert table.loc["color=red", "features"] == 0 and table.loc["color=red", "family_recall"] == 0

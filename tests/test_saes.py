@@ -124,3 +124,23 @@ def test_bad_saes_get_clear_messages(model, inputs, sae_lens):
     assert model.acts_to_saes == {}  # detached even after the error
     with pytest.raises(KeyError, match="no SAE is attached"):
         model.reset_saes(HOOK)
+
+
+def test_shipped_sae_loads_with_saelens_and_reconstructs_its_hook(sae_lens):
+    import json
+
+    from hooked_llava.sae_card import reconstruction_stats
+    from hooked_llava.saes import HookedSAELlava
+    from hooked_llava.shapes import ShapesWorld, checkpoint_path
+
+    folder = checkpoint_path("shapes-llava-sae")
+    sae = sae_lens.SAE.load_from_disk(folder)
+    assert sae.cfg.metadata.hook_name == "blocks.4.hook_resid_post" and sae.cfg.d_sae == 1024
+    model = HookedSAELlava.from_pretrained("shapes-llava")
+    examples = [ShapesWorld(777).example(i, "Colour") for i in range(8)]
+    stats = reconstruction_stats(model, sae, examples)
+    assert stats["fve"] >= 0.8 and stats["mean_l0"] == pytest.approx(sae.cfg.k, abs=0.5)
+    card = (folder / "README.md").read_text()
+    metrics = json.loads((folder / "eval.json").read_text())
+    assert f"{100 * metrics['fve']:.1f} %" in card and metrics["fve"] >= 0.8
+    assert abs(metrics["spliced"]["accuracy"] - metrics["original"]["accuracy"]) <= 5
