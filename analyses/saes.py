@@ -109,20 +109,24 @@ def edit_features(
     features: Sequence[int],
     metric: Metric,
     positions: str | Sequence[int] | Tensor = "image",
-    value: float = 0.0,
+    value: float | Sequence[float] = 0.0,
 ) -> pd.DataFrame:
     """Set `features` to `value` at `positions` (0: ablation; a large value: steering), error term on.
 
+    `value` is one number for all features or one per feature (e.g. ablate some, steer others at once).
     Returns one row per batch row: the metric and the arg-max answer token before and after.
     """
     feats = [_feature(f, sae) for f in features]
+    values = [float(value)] * len(feats) if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) != len(feats):
+        raise ValueError(f"got {len(values)} values for {len(feats)} features: give one value, or one per feature.")
     mask = _position_mask(inputs, positions)
 
     def edit(acts: Tensor, hook: Any) -> Tensor:
-        where = mask.to(acts.device)[..., None] & torch.zeros_like(acts, dtype=torch.bool).index_fill(
-            -1, torch.tensor(feats, device=acts.device), True
-        )
-        return torch.where(where, torch.full_like(acts, value), acts)
+        target = torch.tensor(values, device=acts.device, dtype=acts.dtype)
+        edited = acts.clone()
+        edited[..., feats] = target.expand(*acts.shape[:-1], -1)
+        return torch.where(mask.to(acts.device)[..., None], edited, acts)
 
     with torch.no_grad():
         before = model.run_with_saes(inputs, saes=[sae], use_error_term=True)

@@ -1,8 +1,8 @@
-"""The tutorial notebooks: 01-04 execute top to bottom on the shipped Shapes checkpoints; all are committed clean.
+"""The tutorial notebooks: 01-04 and 06 execute top to bottom on the shipped Shapes checkpoints; all are committed clean.
 
 Notebook 05 needs a GPU and the real LLaVA-1.5-7b weights, so it is only checked for being valid,
 output-free and syntactically correct Python. Executing 01-04 needs nbclient, nbformat and ipykernel
-(the "dev" extra) and the shipped checkpoints; without them those tests are skipped with the reason.
+(the "dev" extra) and the shipped checkpoints, and 06 the "sae" extra; without them those tests are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ EXECUTED = [
     "02_study_a_shapes.ipynb",
     "03_study_b_shapes.ipynb",
     "04_patching_colour_swap.ipynb",
+    "06_saes_shapes.ipynb",
 ]
+NEEDS_SAE = {"06_saes_shapes.ipynb"}  # runs only where the sae extra (SAELens) is installed
 ALL = [*EXECUTED, "05_real_llava_7b.ipynb"]
 CELL_TIMEOUT_S = 300
 
@@ -66,6 +68,8 @@ def test_notebook_executes(name):
     if missing:
         pytest.skip(f"the shipped Shapes checkpoint(s) {missing} are missing from {checkpoint_path(missing[0]).parent}")
     install = "pip install -e '.[dev]'"
+    if name in NEEDS_SAE:
+        pytest.importorskip("sae_lens", reason="this notebook needs the sae extra: pip install -e '.[dev,sae]'")
     nbclient = pytest.importorskip("nbclient", reason=f"nbclient is needed to execute notebooks ({install})")
     pytest.importorskip("ipykernel", reason=f"ipykernel is needed to execute notebooks ({install})")
     nb = _read(name)

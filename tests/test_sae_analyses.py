@@ -98,8 +98,19 @@ def test_ablation_at_image_positions_matches_an_independent_edit(model, sae, inp
     assert table.metric_after.tolist() == pytest.approx(expected.tolist(), abs=1e-4)
     assert table.metric_before.tolist() == pytest.approx(metric(model(inputs), inputs).tolist(), abs=1e-4)
     assert (table.change.abs() > 1e-4).all()
-    steered = edit_features(model, sae, inputs, feats[:1], metric, positions="image", value=20.0)
-    assert not steered.metric_after.equals(table.metric_after)
+    steered = edit_features(model, sae, inputs, feats[:2], metric, positions=[3, 4], value=[0.0, 20.0])
+
+    def steer_hook(x, hook):
+        acts = sae.encode(x)
+        edited = acts.clone()
+        edited[:, [3, 4], feats[0]] = 0.0
+        edited[:, [3, 4], feats[1]] = 20.0
+        return x - sae.decode(acts) + sae.decode(edited)
+
+    expected = metric(model.run_with_hooks(inputs, fwd_hooks=[(HOOK, steer_hook)]), inputs)
+    assert steered.metric_after.tolist() == pytest.approx(expected.tolist(), abs=1e-4)
+    with pytest.raises(ValueError, match="give one value, or one per feature"):
+        edit_features(model, sae, inputs, feats, metric, value=[1.0])
 
 
 def test_attribution_predicts_small_edits(model, sae, inputs):
