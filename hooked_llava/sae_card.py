@@ -24,7 +24,7 @@ from .shapes.questions import CATEGORIES, make_dataset
 
 
 @torch.no_grad()
-def reconstruction_stats(model: Any, sae: Any, examples: Sequence[Any], batch: int = 64) -> dict[str, float]:
+def reconstruction_stats(model: Any, sae: Any, examples: Sequence[Any], batch: int = 64) -> dict[str, float | int]:
     """FVE `1 - Σ‖x - x̂‖² / Σ‖x - mean x‖²`, mean L0 and dead features over the examples' activations."""
     source = ShapesActivations(model, sae.cfg.metadata.hook_name)
     x = torch.cat([source.activations(examples[i : i + batch]) for i in range(0, len(examples), batch)])
