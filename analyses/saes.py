@@ -9,7 +9,9 @@
 - `feature_attribution`: attribution patching through the latents, activation × gradient of a
   metric, per feature.
 
-All run the SAE with its error term and leave the model with the SAEs it had before.
+All run the SAE with its error term and leave the model with the SAEs it had before. Draw a patch
+map over the image with `analyses.plotting.plot_patch_heatmap(inputs, feature_patch_map(...))`; the
+ground-truth score of features lives in `analyses.sae_groundtruth`.
 """
 
 from __future__ import annotations

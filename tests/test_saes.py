@@ -144,3 +144,13 @@ def test_shipped_sae_loads_with_saelens_and_reconstructs_its_hook(sae_lens):
     metrics = json.loads((folder / "eval.json").read_text())
     assert f"{100 * metrics['fve']:.1f} %" in card and metrics["fve"] >= 0.8
     assert abs(metrics["spliced"]["accuracy"] - metrics["original"]["accuracy"]) <= 5
+
+
+def test_saes_splice_into_vision_hooks_too(model, inputs, sae_lens):
+    hook = "vision.blocks.1.hook_resid_post"
+    sae = make_sae(sae_lens, hook=hook, d_in=model.vision.cfg.d_model)
+    plain = model(inputs)
+    logits, cache = model.run_with_cache_with_saes(inputs, saes=[sae], use_error_term=True)
+    assert torch.allclose(logits, plain, atol=1e-5)
+    assert cache[f"{hook}.hook_sae_acts_post"].shape[:2] == (2, 17)  # images, CLS + 16 patches
+    assert not torch.allclose(model.run_with_saes(inputs, saes=[sae]), plain, atol=1e-3)
