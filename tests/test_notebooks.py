@@ -1,8 +1,10 @@
-"""The tutorial notebooks: 01-04 and 06 execute top to bottom on the shipped Shapes checkpoints; all are committed clean.
+"""The tutorial notebooks: 01-04 and 06 execute top to bottom on the shipped Shapes checkpoints; all are committed
+clean.
 
 Notebook 05 needs a GPU and the real LLaVA-1.5-7b weights, so it is only checked for being valid,
 output-free and syntactically correct Python. Executing 01-04 needs nbclient, nbformat and ipykernel
-(the "dev" extra) and the shipped checkpoints, and 06 the "sae" extra; without them those tests are skipped with the reason.
+(the "dev" extra) and the shipped checkpoints, and 06 also the "sae" extra; without them those tests are
+skipped with the reason.
 """
 
 from __future__ import annotations
