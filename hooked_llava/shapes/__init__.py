@@ -15,11 +15,11 @@ from .questions import CATEGORIES, TARGETS, Example, Question, ask, format_promp
 from .world import COLORS, SHAPES, Scene, ShapeObject, ShapesWorld
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
-CHECKPOINT_NAMES: tuple[str, ...] = ("shapes-llava", "shapes-lm")
+CHECKPOINT_NAMES: tuple[str, ...] = ("shapes-llava", "shapes-lm", "shapes-llava-sae")
 
 
 def checkpoint_path(name: str) -> Path:
-    """Directory of a shipped checkpoint, ``"shapes-llava"`` or ``"shapes-lm"``.
+    """Directory of a shipped checkpoint: ``"shapes-llava"``, ``"shapes-lm"`` or the SAE ``"shapes-llava-sae"``.
 
     Raises:
         ValueError: If ``name`` is not a shipped checkpoint.
