@@ -81,6 +81,5 @@ class HookPoint(_TLHookPoint):
         raise NoLayerError(f"hook {self.name!r} is not inside a block, so it has no layer index.")
 
     def add_hook(self, hook: Callable[..., Any], dir: Literal["fwd", "bwd"] = "fwd", *args: Any, **kwargs: Any) -> Any:
-        handle = super().add_hook(_checked(hook) if dir == "fwd" else hook, dir, *args, **kwargs)
-        handle.user_hook = hook
-        return handle
+        # TransformerLens 4 returns the handle; 3.x returns None
+        return super().add_hook(_checked(hook) if dir == "fwd" else hook, dir, *args, **kwargs)
