@@ -24,7 +24,9 @@ def patch_row_col(inputs: LlavaInputs, position: int) -> tuple[int, int]:
     return row, col
 
 
-def merged_embedding(model: HookedLlava, inputs: LlavaInputs, cache: ActivationCache) -> Float[Tensor, "batch pos d_model"]:
+def merged_embedding(
+    model: HookedLlava, inputs: LlavaInputs, cache: ActivationCache
+) -> Float[Tensor, "batch pos d_model"]:
     """The language model's input: token embeddings, with the projector's outputs at the image positions."""
     embedded = model.W_E[inputs.input_ids].clone()
     image = inputs.input_ids == inputs.image_token_id

@@ -18,7 +18,9 @@ from hooked_llava import HookedLlava, LlavaInputs
 Metric = Callable[[Tensor], Tensor]
 
 
-def patch_position_hook(resid: Float[Tensor, "batch pos d_model"], hook: Any, position: int, clean_cache: ActivationCache):
+def patch_position_hook(
+    resid: Float[Tensor, "batch pos d_model"], hook: Any, position: int, clean_cache: ActivationCache
+):
     """A residual-stream hook that copies the clean run's activation at `position` into this run."""
     resid = resid.clone()
     resid[:, position] = clean_cache[hook.name][:, position]

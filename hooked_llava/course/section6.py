@@ -22,9 +22,7 @@ def question_inputs(model: HookedLlava, example: Example, visual: bool) -> Llava
     return model.prepare(prompts=[example.text_prompt])
 
 
-def mean_head_scores(
-    model: HookedLlava, examples: Sequence[Example], visual: bool
-) -> Float[Tensor, "layer head"]:
+def mean_head_scores(model: HookedLlava, examples: Sequence[Example], visual: bool) -> Float[Tensor, "layer head"]:
     """Study A's head scores for the correct answer, averaged over the examples."""
     scores = [
         analyses.log_prob_increase(model, question_inputs(model, ex, visual), unit="head", target=ex.answer)[0]

@@ -19,7 +19,6 @@ from hooked_llava.shapes import ShapesWorld
 from . import section1 as s1
 from . import section2 as s2
 from . import section3 as s3
-from . import section4 as s4
 from . import section5 as s5
 from . import section6 as s6
 from .common import FRESH_SEEDS, compare, fresh_colour_inputs, passed, swap_pair
@@ -70,8 +69,12 @@ def test_resid_pre_from_parts(fn: Callable, model: HookedLlava) -> None:
 def test_answer_probability(fn: Callable, model: HookedLlava) -> None:
     for ex, inputs in fresh_colour_inputs(model):
         for word in (ex.answer, "green"):
-            compare(torch.tensor(float(fn(model, inputs, word))), torch.tensor(s1.answer_probability(model, inputs, word)),
-                    f"probability of {word!r}", atol=1e-6)  # fmt: skip
+            compare(
+                torch.tensor(float(fn(model, inputs, word))),
+                torch.tensor(s1.answer_probability(model, inputs, word)),
+                f"probability of {word!r}",
+                atol=1e-6,
+            )
     passed("test_answer_probability")
 
 
@@ -107,7 +110,9 @@ def test_head_dla(fn: Callable, model: HookedLlava) -> None:
     for ex, inputs, cache in _cached(model):
         a, b = model.to_single_token(ex.answer), model.to_single_token("green" if ex.answer != "green" else "red")
         frame = analyses.direct_logit_attribution(model, inputs, a, b, unit="head").set_index("component")
-        reference = torch.tensor([frame.loc[f"{layer}_{head}", "attribution"] for layer in range(n) for head in range(h)])
+        reference = torch.tensor(
+            [frame.loc[f"{layer}_{head}", "attribution"] for layer in range(n) for head in range(h)]
+        )
         compare(fn(model, cache, inputs, a, b), reference.reshape(n, h).float(), "head DLA", atol=1e-3)
     passed("test_head_dla")
 
@@ -115,8 +120,11 @@ def test_head_dla(fn: Callable, model: HookedLlava) -> None:
 # --- Section 3 ---------------------------------------------------------------------------------
 def test_attention_to_object(fn: Callable, model: HookedLlava) -> None:
     for _, inputs, cache in _cached(model):
-        compare(fn(cache, inputs, model.cfg.n_layers), s3.attention_to_object(cache, inputs, model.cfg.n_layers),
-                "attention from the last position to the object's patches")  # fmt: skip
+        compare(
+            fn(cache, inputs, model.cfg.n_layers),
+            s3.attention_to_object(cache, inputs, model.cfg.n_layers),
+            "attention from the last position to the object's patches",
+        )
     passed("test_attention_to_object")
 
 
@@ -150,10 +158,16 @@ def test_ablation_drop(fn: Callable, model: HookedLlava) -> None:
 # --- Section 4 ---------------------------------------------------------------------------------
 def test_knockout_hook(fn: Callable, model: HookedLlava) -> None:
     for _, inputs in fresh_colour_inputs(model):
-        for source, target, layers in (("image", "last", [2, 3]), ("related", "question", [0, 1, 2]), ("question", "last", [5])):
+        for source, target, layers in (
+            ("image", "last", [2, 3]),
+            ("related", "question", [0, 1, 2]),
+            ("question", "last", [5]),
+        ):
             hook = partial(fn, source=inputs.mask(source), target=inputs.mask(target))
             with torch.no_grad():
-                got = model.run_with_hooks(inputs, fwd_hooks=[(f"blocks.{lay}.attn.hook_attn_scores", hook) for lay in layers])
+                got = model.run_with_hooks(
+                    inputs, fwd_hooks=[(f"blocks.{lay}.attn.hook_attn_scores", hook) for lay in layers]
+                )
                 want = analyses.knockout(model, inputs, source, target, layers)
             compare(got, want, f"logits with {source} -> {target} blocked in layers {layers}", atol=1e-4)
     passed("test_knockout_hook")
@@ -198,7 +212,9 @@ def test_patch_residual_scan(fn: Callable, model: HookedLlava) -> None:
     for clean, corrupted, clean_cache, _, metric, _ in _swap_cases(model):
         positions = torch.cat([clean.positions("related")[0][:2], clean.last[:1]])
         reference = analyses.patch_residual(model, corrupted, clean, metric, positions=positions[None], progress=False)
-        compare(fn(model, corrupted, clean_cache, metric, positions), reference[:, positions], "patched metric", atol=1e-3)
+        compare(
+            fn(model, corrupted, clean_cache, metric, positions), reference[:, positions], "patched metric", atol=1e-3
+        )
     passed("test_patch_residual_scan")
 
 
@@ -244,5 +260,7 @@ def test_rank_correlation(fn: Callable, model: HookedLlava) -> None:
     generator = torch.Generator().manual_seed(FRESH_SEEDS[1])
     a, b = torch.randn(8, 8, generator=generator), torch.randn(8, 8, generator=generator)
     for x, y in ((a, b), (a, a.exp()), (a, -a)):
-        compare(torch.tensor(float(fn(x, y))), torch.tensor(s6.rank_correlation(x, y)), "Spearman correlation", atol=1e-6)
+        compare(
+            torch.tensor(float(fn(x, y))), torch.tensor(s6.rank_correlation(x, y)), "Spearman correlation", atol=1e-6
+        )
     passed("test_rank_correlation")
