@@ -54,11 +54,14 @@ def zero_head_hook(z: Float[Tensor, "batch pos head d_head"], hook: Any, head: i
     return z
 
 
-def ablation_drop(model: HookedLlava, inputs: LlavaInputs, layer: int, head: int, target: int) -> float:
-    """How much `log P(target)` at row 0's last position falls when head (layer, head) is zero-ablated."""
+def ablation_drop(model: HookedLlava, inputs: LlavaInputs, layer: int, head: int, target: int, other: int) -> float:
+    """How much `logit[target] − logit[other]` at row 0's last position falls when head (layer, head) is zero-ablated.
+
+    A logit difference rather than `log P(target)`: the model is so sure of its answers that their
+    log-probabilities saturate near 0 and hide what an ablation does.
+    """
     last = int(inputs.last[0])
+    hook = (f"blocks.{layer}.attn.hook_z", partial(zero_head_hook, head=head))
     with torch.no_grad():
-        clean = model(inputs)[0, last].log_softmax(-1)[target]
-        hook = (f"blocks.{layer}.attn.hook_z", partial(zero_head_hook, head=head))
-        ablated = model.run_with_hooks(inputs, fwd_hooks=[hook])[0, last].log_softmax(-1)[target]
-    return float(clean - ablated)
+        clean, ablated = model(inputs)[0, last], model.run_with_hooks(inputs, fwd_hooks=[hook])[0, last]
+    return float((clean[target] - clean[other]) - (ablated[target] - ablated[other]))

@@ -148,10 +148,11 @@ def test_zero_head_hook(fn: Callable, model: HookedLlava) -> None:
 
 def test_ablation_drop(fn: Callable, model: HookedLlava) -> None:
     for ex, inputs in fresh_colour_inputs(model):
-        token = model.to_single_token(ex.answer)
-        for layer, head in ((1, 3), (model.cfg.n_layers - 1, 0)):
-            got = torch.tensor(float(fn(model, inputs, layer, head, token)))
-            compare(got, torch.tensor(s3.ablation_drop(model, inputs, layer, head, token)), f"drop for {layer}_{head}")
+        token, other = model.to_single_token(ex.answer), model.to_single_token("green" if ex.answer != "green" else "red")
+        for layer, head in ((1, 3), (3, 0), (model.cfg.n_layers - 1, 0)):
+            got = torch.tensor(float(fn(model, inputs, layer, head, token, other)))
+            want = torch.tensor(s3.ablation_drop(model, inputs, layer, head, token, other))
+            compare(got, want, f"drop of the logit difference for head {layer}_{head}", atol=1e-3)
     passed("test_ablation_drop")
 
 
