@@ -22,8 +22,8 @@ def logit_lens(
     model: HookedLlava, cache: ActivationCache, layer: int, positions: Int[Tensor, " n_pos"]
 ) -> Float[Tensor, "n_pos d_vocab"]:
     """Row 0's residual at readout `layer` and `positions`, read through the final norm and the unembedding."""
-    resid = residual_at(model, cache, layer)[0, positions]
-    return model.unembed(model.ln_final(resid))
+    resid = residual_at(model, cache, layer)[:1, positions]  # [1, n_pos, d_model]: the norm takes batch and pos
+    return model.unembed(model.ln_final(resid))[0]
 
 
 def answer_ranks(

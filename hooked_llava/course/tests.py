@@ -148,7 +148,10 @@ def test_zero_head_hook(fn: Callable, model: HookedLlava) -> None:
 
 def test_ablation_drop(fn: Callable, model: HookedLlava) -> None:
     for ex, inputs in fresh_colour_inputs(model):
-        token, other = model.to_single_token(ex.answer), model.to_single_token("green" if ex.answer != "green" else "red")
+        token, other = (
+            model.to_single_token(ex.answer),
+            model.to_single_token("green" if ex.answer != "green" else "red"),
+        )
         for layer, head in ((1, 3), (3, 0), (model.cfg.n_layers - 1, 0)):
             got = torch.tensor(float(fn(model, inputs, layer, head, token, other)))
             want = torch.tensor(s3.ablation_drop(model, inputs, layer, head, token, other))
@@ -209,6 +212,16 @@ def _swap_cases(model: HookedLlava):
         yield clean, corrupted, clean_cache, corrupt_cache, metric, (a, b)
 
 
+def test_patch_position_hook(fn: Callable, model: HookedLlava) -> None:
+    for clean, _, clean_cache, corrupt_cache, _, _ in _swap_cases(model):
+        for name, position in (("blocks.0.hook_resid_pre", int(clean.positions("related")[0][0])), ("hook_embed", -1)):
+            hook = model.hook_dict[name]
+            got = fn(corrupt_cache[name].clone(), hook, position=position, clean_cache=clean_cache)
+            want = s5.patch_position_hook(corrupt_cache[name].clone(), hook, position=position, clean_cache=clean_cache)
+            compare(got, want, f"{name} patched at position {position}")
+    passed("test_patch_position_hook")
+
+
 def test_patch_residual_scan(fn: Callable, model: HookedLlava) -> None:
     for clean, corrupted, clean_cache, _, metric, _ in _swap_cases(model):
         positions = torch.cat([clean.positions("related")[0][:2], clean.last[:1]])
@@ -246,6 +259,14 @@ def test_question_inputs(fn: Callable, model: HookedLlava) -> None:
             if visual:
                 compare(got.pixel_values, want.pixel_values, "pixel values")
     passed("test_question_inputs")
+
+
+def test_mean_head_scores(fn: Callable, model: HookedLlava) -> None:
+    examples = [ShapesWorld(seed=seed).example(4, "Colour") for seed in FRESH_SEEDS]
+    for visual in (False, True) if model.vision is not None else (False,):
+        got, want = fn(model, examples, visual), s6.mean_head_scores(model, examples, visual)
+        compare(got, want, f"mean head scores ({'visual' if visual else 'text'} prompts)", atol=1e-4)
+    passed("test_mean_head_scores")
 
 
 def test_top_k_overlap(fn: Callable, model: HookedLlava) -> None:
