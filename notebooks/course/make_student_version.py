@@ -11,9 +11,9 @@ from pathlib import Path
 
 import nbformat
 
-from hooked_llava.course.student import student_notebook
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))  # this checkout's hooked_llava, installed or not
+from hooked_llava.course.student import student_notebook  # noqa: E402
 
 
 def main(out_dir: Path) -> None:
