@@ -153,7 +153,7 @@ def inputs(x: LlavaInputs, model: HookedLlava) -> None:
     token_ids(ids, model.cfg.d_vocab)
     attention_mask(x.attention_mask)
     if x.pixel_values is not None and model.vision is not None:
-        pixel_values(x.pixel_values, model.vision.cfg, model.w_e.dtype, tiles=model.cfgs.pinpoints is not None)
+        pixel_values(x.pixel_values, model.vision.cfg, model.W_E.dtype, tiles=model.cfgs.pinpoints is not None)
     placeholders(x, model)
 
 

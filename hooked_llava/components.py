@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from . import tl_state
 from .hook_points import HookPoint, NoLayerError, allow_broadcasting_hooks  # noqa: F401 (re-exported)
 
 
@@ -51,6 +52,39 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         scale = self.hook_scale((x32.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         return self.w * self.hook_normalized((x32 / scale).to(dtype))
+
+
+class Embed(nn.Module):
+    """Token embedding `W_E [d_vocab, d_model]` (TransformerLens' name and layout, which is also HF's)."""
+
+    def __init__(self, d_vocab: int, d_model: int):
+        super().__init__()
+        self.W_E = _param(d_vocab, d_model)
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        return F.embedding(tokens, self.W_E)
+
+
+class Unembed(nn.Module):
+    """The unembedding, stored as HF's `w_u [d_vocab, d_model]` (so logits match HF) and shown as
+    TransformerLens' `W_U [d_model, d_vocab]` and `b_U` (zeros: LLaVA's head has no bias), also in
+    `state_dict()` (see `hooked_llava.tl_state`)."""
+
+    def __init__(self, d_vocab: int, d_model: int):
+        super().__init__()
+        self.w_u = _param(d_vocab, d_model)
+        tl_state.register(self, tl_state.unembed_specs(d_model, d_vocab))
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+        return F.linear(x, self.w_u)
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.w_u.T
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
+        return self.w_u.new_zeros(self.w_u.shape[0])
 
 
 class LayerNorm(nn.Module):

@@ -76,7 +76,7 @@ class _Keys:
 def convert_llama(src: _Keys, cfgs: LlavaConfigs) -> dict[str, Tensor]:
     c = cfgs.lm
     d, hd, kv, mlp = c.d_model, c.n_heads * c.d_head, c.n_kv_heads * c.d_head, c.d_mlp or 4 * c.d_model
-    out = {"w_e": src.take("embed_tokens.weight", (c.d_vocab, d)), "ln_final.w": src.take("norm.weight", (d,))}
+    out = {"embed.W_E": src.take("embed_tokens.weight", (c.d_vocab, d)), "ln_final.w": src.take("norm.weight", (d,))}
     for i in range(c.n_layers):
         p, q = f"layers.{i}.", f"blocks.{i}."
         out[q + "ln1.w"] = src.take(p + "input_layernorm.weight", (d,))
@@ -101,8 +101,8 @@ def convert_llama(src: _Keys, cfgs: LlavaConfigs) -> dict[str, Tensor]:
 
 def convert_head(src: _Keys, cfgs: LlavaConfigs, embed: Tensor, tied: bool) -> dict[str, Tensor]:
     if tied and "weight" not in src.sd:
-        return {"w_u": embed.clone()}  # untied copy: weight processing edits W_U in place
-    return {"w_u": src.take("weight", (cfgs.lm.d_vocab_out, cfgs.lm.d_model))}
+        return {"unembed.w_u": embed.clone()}  # untied copy: weight processing edits W_U in place
+    return {"unembed.w_u": src.take("weight", (cfgs.lm.d_vocab_out, cfgs.lm.d_model))}
 
 
 def convert_clip_vision(src: _Keys, cfgs: LlavaConfigs) -> dict[str, Tensor]:
@@ -169,7 +169,8 @@ def split(sd: dict[str, Tensor], multimodal: bool) -> dict[str, dict[str, Tensor
 
 
 def convert(sd: dict[str, Tensor], cfgs: LlavaConfigs, tied: bool = False) -> dict[str, Tensor]:
-    """A whole HF state dict to HookedLlava's, with strict key accounting."""
+    """A whole HF state dict to HookedLlava's stored parameters (HF layout, e.g. `blocks.0.attn.w_q`;
+    `state_dict()` shows them under TransformerLens' names, see `tl_state`), with strict key accounting."""
     multimodal = cfgs.vision is not None
     parts = split(sd, multimodal)
     if parts["unknown"]:
@@ -177,7 +178,7 @@ def convert(sd: dict[str, Tensor], cfgs: LlavaConfigs, tied: bool = False) -> di
         raise CheckpointError(f"checkpoint has {len(names)} unexpected key(s): {names[:10]}")
     keys = {name: _Keys(name, part) for name, part in parts.items() if name != "unknown"}
     out = convert_llama(keys["lm"], cfgs)
-    out.update(convert_head(keys["head"], cfgs, out["w_e"], tied))
+    out.update(convert_head(keys["head"], cfgs, out["embed.W_E"], tied))
     if multimodal:
         out.update(convert_clip_vision(keys["vision"], cfgs))
         out.update(convert_projector(keys["projector"], cfgs))

@@ -58,7 +58,7 @@ def part_of(name: str) -> str:
     first = name.split(".")[0]
     if first == "blocks":
         return ".".join(name.split(".")[:2])
-    return {"w_e": "embed", "w_u": "unembed", "image_newline": "projector"}.get(first, first)
+    return "projector" if first == "image_newline" else first
 
 
 def part_numels(model: nn.Module) -> dict[str, int]:
@@ -190,7 +190,7 @@ def place(model: nn.Module, plan: Mapping[str, torch.device]) -> None:
     if len(set(plan.values())) < 2:
         return
     for name in plan:
-        if name not in ("embed", "unembed"):  # parameters of the root: moved by `embed_inputs` / `unembed`
+        if name != "embed":  # the token embedding: `embed_inputs` moves what it needs
             model.get_submodule(name).register_forward_pre_hook(_mover(plan[name]), with_kwargs=True)
     model._device_plan = dict(plan)
 

@@ -148,7 +148,7 @@ class GenerationMixin:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
-            x = self.hook_embed(F.embedding(nxt[:, None], self.w_e)) if use_past_kv_cache else None  # type: ignore[attr-defined]
+            x = self.hook_embed(self.embed(nxt[:, None])) if use_past_kv_cache else None  # type: ignore[attr-defined]
         as_text = return_type == "str" or (return_type == "input" and text_in)
         return self._generated(tokens, input) if as_text else tokens
 
@@ -188,7 +188,7 @@ class GenerationMixin:
         new = tokens[:, inputs.input_ids.shape[1] :]
         if not new.shape[1]:
             return prompt
-        return torch.cat([prompt, self.hook_embed(F.embedding(new, self.w_e))], dim=1)  # type: ignore[attr-defined]
+        return torch.cat([prompt, self.hook_embed(self.embed(new))], dim=1)  # type: ignore[attr-defined]
 
     def _generated(self, tokens: Tensor, input: Any) -> str | list[str]:
         texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in tokens.tolist()]  # type: ignore[attr-defined]

@@ -19,6 +19,7 @@ from .checkpoint_files import load_weights, read_json, regular_file, weight_file
 from .config import InvalidConfigError, configs_from_hf
 from .convert import CheckpointError, convert
 from .resolve import SHIPPED, resolve
+from .weights import REFACTOR_REFUSED
 
 __all__ = ["SHIPPED", "LoadingMixin", "read_checkpoint", "resolve"]
 PROCESSOR_FILES = (
@@ -95,10 +96,29 @@ def _dtype(hf_config: Any, dtype: Any) -> torch.dtype:
     return value if isinstance(value, torch.dtype) else torch.float32
 
 
-def _placed(model: Any, device_map: Any, fold_ln: bool, center_unembed: bool) -> Any:
+PROCESSING = (
+    "fold_ln",
+    "center_writing_weights",
+    "center_unembed",
+    "fold_value_biases",
+    "refactor_factored_attn_matrices",
+)
+
+
+def _processing(flags: dict[str, Any]) -> dict[str, bool]:
+    """The weight-processing flags, each False unless given; an unknown keyword is an error."""
+    unknown = sorted(set(flags) - set(PROCESSING))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; weight processing takes {list(PROCESSING)}.")
+    if flags.get("refactor_factored_attn_matrices"):  # refused before any weight is read
+        raise ValueError(REFACTOR_REFUSED)
+    return {name: bool(flags.get(name, False)) for name in PROCESSING}
+
+
+def _placed(model: Any, device_map: Any, processing: dict[str, bool]) -> Any:
     plan = devices.plan_devices(model.cfgs, device_map, devices.part_numels(model))
-    if fold_ln or center_unembed:
-        model.process_weights(fold_ln=fold_ln, center_unembed=center_unembed)
+    if any(processing.values()):
+        model.process_weights(**processing)
     devices.place(model, plan)
     model.cfg.device = str(plan["embed"])
     return model
@@ -115,8 +135,7 @@ class LoadingMixin:
         dtype: torch.dtype,
         device: Any,
         processor: Any,
-        fold_ln: bool,
-        center_unembed: bool,
+        processing: dict[str, bool],
         device_map: Any = None,
     ) -> Any:
         if device_map is not None and device is not None:
@@ -137,12 +156,12 @@ class LoadingMixin:
             )
         model.eval()
         if device_map is not None:  # weights are processed on the CPU, before any part is placed
-            return _placed(model, device_map, fold_ln, center_unembed)
+            return _placed(model, device_map, processing)
         device = device or "cpu"
         model.cfg.device = str(device)
         model = model.to(device)
-        if fold_ln or center_unembed:
-            model.process_weights(fold_ln=fold_ln, center_unembed=center_unembed)
+        if any(processing.values()):
+            model.process_weights(**processing)
         return model
 
     @classmethod
@@ -153,16 +172,17 @@ class LoadingMixin:
         *,
         dtype: Any = None,
         device: Any = None,
-        fold_ln: bool = False,
-        center_unembed: bool = False,
         device_map: Any = None,
+        **processing: bool,
     ) -> Any:
-        """Build from a loaded `LlavaForConditionalGeneration` (or `LlamaForCausalLM`); weights are copied."""
+        """Build from a loaded `LlavaForConditionalGeneration` (or `LlamaForCausalLM`); weights are copied.
+        `processing`: the weight-processing flags of `from_pretrained`."""
+        processing = _processing(processing)
         state = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
         dtype = dtype or next(hf_model.parameters()).dtype
         if device_map is None:
             device = device or next(hf_model.parameters()).device
-        return cls._build(hf_model.config, state, dtype, device, processor, fold_ln, center_unembed, device_map)
+        return cls._build(hf_model.config, state, dtype, device, processor, processing, device_map)
 
     @classmethod
     def from_pretrained(
@@ -173,9 +193,8 @@ class LoadingMixin:
         *,
         processor: Any = None,
         allow_pickle: bool = False,
-        fold_ln: bool = False,
-        center_unembed: bool = False,
         device_map: Any = None,
+        **processing: bool,
     ) -> Any:
         """Load a local directory, a shipped model ("shapes-llava", "shapes-lm") or a hub id "org/name".
 
@@ -188,14 +207,19 @@ class LoadingMixin:
             processor: defaults to the processor (or tokenizer) saved with the checkpoint; saved
                 processor files that do not load are an error unless you pass your own.
             allow_pickle: allow pickled `.bin` weights, loaded with `weights_only=True`.
-            fold_ln, center_unembed: weight processing as in legacy TransformerLens.
             device_map: place the model across devices instead of on `device`: "auto", a number of
                 CUDA devices, a list of devices (e.g. ["cuda:0", "cpu"]) or a dict from parts to devices
                 (see `hooked_llava.devices`, which also tabulates each part's memory for 7B–34B).
+            processing: TransformerLens' weight-processing flags `fold_ln`, `center_writing_weights`,
+                `center_unembed`, `fold_value_biases`, `refactor_factored_attn_matrices` (see
+                `process_weights`). All default to False, as TL's `from_pretrained_no_processing`:
+                the weights stay HF's. `center_writing_weights` is a no-op for RMSNorm (with a warning)
+                and `refactor_factored_attn_matrices` is refused for rotary models, as in TL.
 
         Example:
             >>> model = HookedLlava.from_pretrained("shapes-llava")
         """
+        processing = _processing(processing)
         directory = resolve(name_or_dir)
         hf_config = _read_config(directory, str(name_or_dir))
         cfgs = configs_from_hf(hf_config)  # refuse an unsupported config before reading any weights
@@ -203,5 +227,4 @@ class LoadingMixin:
             devices.plan_devices(cfgs, device_map)
         state = read_checkpoint(directory, allow_pickle)
         processor = processor if processor is not None else _load_processor(directory)
-        dtype = _dtype(hf_config, dtype)
-        return cls._build(hf_config, state, dtype, device, processor, fold_ln, center_unembed, device_map)
+        return cls._build(hf_config, state, _dtype(hf_config, dtype), device, processor, processing, device_map)

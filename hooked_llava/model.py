@@ -11,16 +11,15 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import ActivationCache
 from transformer_lens.HookedRootModule import HookedRootModule
 
-from . import checks, devices
+from . import checks, devices, tl_state
 from . import next as next_
 from .attention import Attention, additive_mask, rotary_cos_sin
-from .components import GatedMLP, HookPoint, RMSNorm, TransformerBlock
+from .components import Embed, GatedMLP, HookPoint, RMSNorm, TransformerBlock, Unembed
 from .config import LanguageConfig, LlavaConfigs
 from .entry import EntryMixin
 from .generation import GenerationMixin
@@ -41,13 +40,13 @@ DevicePlan = dict[str, torch.device]
 
 def _lm_block(cfg: LanguageConfig, layer: int) -> TransformerBlock:
     window = cfg.layer_windows[layer] if cfg.layer_windows else None
-    return TransformerBlock(
-        cfg,
-        Attention(cfg, cfg.n_kv_heads, cfg.attention_bias, cfg.output_bias, rotary_base=cfg.rope_theta, window=window),
-        GatedMLP(cfg.d_model, cfg.d_mlp or 4 * cfg.d_model, cfg.act_fn, cfg.mlp_bias),
-        RMSNorm(cfg.d_model, cfg.eps),
-        RMSNorm(cfg.d_model, cfg.eps),
-    )
+    d_mlp = cfg.d_mlp or 4 * cfg.d_model
+    bias = (cfg.attention_bias, cfg.output_bias)
+    attn = Attention(cfg, cfg.n_kv_heads, *bias, rotary_base=cfg.rope_theta, window=window)
+    mlp = GatedMLP(cfg.d_model, d_mlp, cfg.act_fn, cfg.mlp_bias)
+    tl_state.register(attn, tl_state.attention_specs(cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model))
+    tl_state.register(mlp, tl_state.gated_mlp_specs(cfg.d_model, d_mlp))
+    return TransformerBlock(cfg, attn, mlp, RMSNorm(cfg.d_model, cfg.eps), RMSNorm(cfg.d_model, cfg.eps))
 
 
 class HookedLlava(
@@ -81,11 +80,11 @@ class HookedLlava(
             self.image_newline = nn.Parameter(torch.empty(self.cfg.d_model))
             self.hook_image_newline = HookPoint()  # [rows, d_model]: the newline vectors of one image
             self.hook_image_features = HookPoint()  # [n_image_tokens, d_model]: all images, packed, before the merge
-        self.w_e = nn.Parameter(torch.empty(self.cfg.d_vocab, self.cfg.d_model))
+        self.embed = Embed(self.cfg.d_vocab, self.cfg.d_model)
         self.hook_embed = HookPoint()  # merged sequence: tokens at text, image features at image positions
         self.blocks = nn.ModuleList(_lm_block(self.cfg, layer) for layer in range(self.cfg.n_layers))
         self.ln_final = RMSNorm(self.cfg.d_model, self.cfg.eps)
-        self.w_u = nn.Parameter(torch.empty(self.cfg.d_vocab_out, self.cfg.d_model))
+        self.unembed = Unembed(self.cfg.d_vocab_out, self.cfg.d_model)
         self.setup()
 
     # --- forward -------------------------------------------------------------------------
@@ -147,7 +146,7 @@ class HookedLlava(
     def embed_inputs(self, inputs: LlavaInputs) -> Float[Tensor, "batch pos d_model"]:
         """Token embeddings with the projected image features merged in, through `hook_embed`."""
         ids = inputs.input_ids
-        embeds = F.embedding(ids, self.w_e)
+        embeds = self.embed(ids)
         if inputs.pixel_values is not None:
             per_image = self.image_features(inputs.pixel_values, inputs.image_sizes)
             checks.image_feature_count(inputs, per_image)
@@ -165,9 +164,9 @@ class HookedLlava(
         if self.vision is None or self.projector is None:
             raise ValueError("this is a text-only model: it has no vision tower; drop the image inputs.")
         tiled = self.cfgs.pinpoints is not None
-        checks.pixel_values(pixel_values, self.vision.cfg, self.w_e.dtype, tiles=tiled)
+        checks.pixel_values(pixel_values, self.vision.cfg, self.W_E.dtype, tiles=tiled)
         checks.finite_pixels(pixel_values)
-        pixel_values = pixel_values.to(self.w_e.device, self.w_e.dtype)
+        pixel_values = pixel_values.to(self.W_E.device, self.W_E.dtype)
         if not tiled:
             return list(self.projector(self.vision(pixel_values)))
         layouts = self.layouts(checks.image_sizes(image_sizes, pixel_values.shape[0]))
@@ -225,12 +224,7 @@ class HookedLlava(
         """`[batch, 1, q, k]` mask with `finfo.min` where attention is forbidden (future keys,
         padding, keys beyond a sliding window), or None when causal masking alone suffices
         (the attention then uses the fused causal kernel)."""
-        return additive_mask(mask2d, n_q, n_past, dtype, window, self.w_e.device)
-
-    def unembed(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
-        if self._device_plan is not None:
-            x = devices.move(x, self._device_plan["unembed"])
-        return F.linear(x, self.w_u)
+        return additive_mask(mask2d, n_q, n_past, dtype, window, self.W_E.device)
 
     def device_plan(self) -> DevicePlan:
         """The device of each part ("vision", "projector", "embed", "blocks.i", "ln_final", "unembed")."""
@@ -272,7 +266,7 @@ class HookedLlava(
                 input_ids=input, pixel_values=pixel_values, attention_mask=attention_mask, image_sizes=image_sizes
             )
         checks.inputs(inputs, self)
-        return inputs.to(self.w_e.device)
+        return inputs.to(self.W_E.device)
 
     def prepare(self, images: Any = None, prompts: Any = None, **kwargs: Any) -> LlavaInputs:
         """Build a `LlavaInputs` with the model's HF processor (see `hooked_llava.inputs.prepare`)."""

@@ -31,7 +31,7 @@ def wrap_ids(
     vision = model.vision.cfg if model.vision is not None else None
     tiled = model.cfgs.pinpoints is not None
     if pixel_values is not None and vision is not None:
-        checks.pixel_values(pixel_values, vision, model.w_e.dtype, tiles=tiled)
+        checks.pixel_values(pixel_values, vision, model.W_E.dtype, tiles=tiled)
         if tiled:
             sizes = checks.image_sizes(extra.get("image_sizes"), pixel_values.shape[0])
             layouts = model.layouts(sizes)

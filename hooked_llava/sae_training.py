@@ -146,7 +146,7 @@ def train_sae(
     source = ShapesActivations(
         model, hook_name, seed=seed, batch_size=batch_size, examples_per_batch=examples_per_batch, roles=roles
     )
-    device = model.w_e.device
+    device = model.W_E.device
     d_in = source.activations(source.examples(0)[:1]).shape[-1]
     sae = build_sae(d_in, hook_name, model_name, d_sae=d_sae, k=k, seed=seed, device=device)
     steps = total_samples // batch_size
