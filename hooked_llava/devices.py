@@ -1,8 +1,8 @@
 """Placing one `HookedLlava` across several devices (`from_pretrained(..., device_map=...)`).
 
 The model is cut into *parts*, in forward order: "vision" (CLIP tower), "projector" (with the
-LLaVA-NeXT `image_newline`), "embed" (`w_e`), "blocks.0" … "blocks.{n-1}", "ln_final" and
-"unembed" (`w_u`). `plan_devices` maps every part to a device; `place` moves the parts there and
+LLaVA-NeXT `image_newline`), "embed" (`embed.W_E`), "blocks.0" … "blocks.{n-1}", "ln_final" and
+"unembed" (`unembed.w_u`). `plan_devices` maps every part to a device; `place` moves the parts there and
 registers forward pre-hooks that move a module's tensor inputs onto its device, so the residual
 stream follows the blocks (and hooks, `run_with_cache`, patching, `run_blocks` and `generate` work
 unchanged: each cached activation stays on the device of the part that made it; pass
