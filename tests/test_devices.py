@@ -115,7 +115,7 @@ def test_bad_maps_say_what_to_pass(pair, device_map, message):
 
 def test_device_and_device_map_together_are_refused(pair):
     with pytest.raises(ValueError, match="either device= .* or device_map="):
-        HookedLlava._build(None, {}, torch.float32, "cpu", None, False, False, device_map="auto")
+        HookedLlava._build(None, {}, torch.float32, "cpu", None, {}, device_map="auto")
 
 
 # --- placement ------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def expected_device(name):
         return C("cpu", 1)
     if name.startswith(("blocks.1.", "blocks.2.", "projector.")):
         return C("cpu", 2)
-    return {"w_e": C("cpu", 0), "w_u": C("cpu", 0), "ln_final.w": C("cpu", 3)}.get(name, C("cpu", 1))
+    return {"embed.W_E": C("cpu", 0), "unembed.w_u": C("cpu", 0), "ln_final.w": C("cpu", 3)}.get(name, C("cpu", 1))
 
 
 def test_every_parameter_is_sent_to_its_planned_device(pair, monkeypatch):
