@@ -30,7 +30,7 @@ from transformer_lens import ActivationCache
 from hooked_llava import HookedLlava, LlavaInputs
 
 from . import ranges
-from .logit_lens import at_positions, collect, read_out
+from .readout import at_positions, collect, read_out
 
 Target = int | str | Sequence[int | str] | Tensor | None
 Unit = Literal["layer", "head", "position", "neuron"]

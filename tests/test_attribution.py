@@ -279,7 +279,7 @@ def test_no_hooks_left_even_when_a_hook_raises(setup, monkeypatch, call):
     def broken(act, hook, store, select):
         raise RuntimeError("boom inside the hook")
 
-    monkeypatch.setattr(importlib.import_module("analyses.logit_lens"), "_keep", broken)
+    monkeypatch.setattr(importlib.import_module("analyses.readout"), "_keep", broken)
     with pytest.raises(RuntimeError, match="boom"):
         CALLS[call](model, inputs)
     assert_no_hooks(model)

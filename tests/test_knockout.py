@@ -10,15 +10,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from analyses.knockout import (
-    flow_mask,
-    knockout,
-    knockout_sweep,
-    resolve_flows,
-    summarize_knockout,
-    t_quantile,
-    window_layers,
-)
+from analyses.attention_knockout import knockout, knockout_sweep
+from analyses.flows import flow_mask, resolve_flows, window_layers
+from analyses.knockout_stats import summarize_knockout, t_quantile
 from analyses.plot_flows import plot_knockout
 
 QUESTIONS = ["What is the color of the circle?", "Is the square red?"]

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from analyses.logit_lens import lens_positions, logit_lens, token_ranks, top_k_table, word_forms
+from analyses.lens import logit_lens, token_ranks, top_k_table, word_forms
+from analyses.readout import lens_positions
 
 PROMPTS = [
     "USER: <image>\nWhat is the color of the circle?\nASSISTANT:",
@@ -168,14 +169,13 @@ def test_no_hooks_left_even_when_a_hook_raises(setup, monkeypatch):
     def broken(act, hook, store, select):
         raise RuntimeError("boom inside the hook")
 
-    # `analyses.logit_lens` the attribute is the function; the module is in sys.modules.
-    monkeypatch.setattr(importlib.import_module("analyses.logit_lens"), "_keep", broken)
+    monkeypatch.setattr(importlib.import_module("analyses.readout"), "_keep", broken)
     with pytest.raises(RuntimeError, match="boom"):
         logit_lens(model, inputs, "last")
     assert_no_hooks(model)
 
 
-MODULES = ["logit_lens", "embedding", "attribution", "patch_importance", "plotting"]
+MODULES = ["lens", "readout", "embedding", "attribution", "patch_grid", "patch_maps", "occlusion", "plotting"]
 
 
 @pytest.mark.parametrize("name", MODULES)

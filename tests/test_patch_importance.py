@@ -10,7 +10,9 @@ import torch
 from torch.testing import assert_close
 
 from analyses.attribution import log_prob_increase
-from analyses.patch_importance import faithfulness, grid_positions, patch_importance
+from analyses.occlusion import faithfulness
+from analyses.patch_grid import grid_positions
+from analyses.patch_maps import patch_importance
 
 PROMPTS = [
     "USER: <image>\nWhat is the color of the circle?\nASSISTANT:",
@@ -174,7 +176,7 @@ def test_no_hooks_left_even_when_a_hook_raises(setup, monkeypatch, method):
     def broken(act, hook, store, select):
         raise RuntimeError("boom inside the hook")
 
-    monkeypatch.setattr(importlib.import_module("analyses.logit_lens"), "_keep", broken)
+    monkeypatch.setattr(importlib.import_module("analyses.readout"), "_keep", broken)
     with pytest.raises(RuntimeError, match="boom"):
         patch_importance(model, inputs, method)
     assert_no_hooks(model)
