@@ -6,7 +6,8 @@ DataFrames, and leaves the model without hooks. Plotting lives in `analyses.plot
 
 from .ablation import ablate_heads, head_ablation_scan
 from .attention_knockout import knockout, knockout_sweep
-from .attribution import FrozenReadout, direct_logit_attribution, log_prob_increase, top_heads, top_units
+from .attribution import direct_logit_attribution, log_prob_increase, top_heads, top_units
+from .contributions import FrozenReadout
 from .embedding import embedding_projection, mrr, reciprocal_ranks, vocab_scores
 from .knockout_stats import summarize_knockout
 from .lens import logit_lens, token_ranks, top_k_table, word_forms

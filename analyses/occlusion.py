@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from hooked_llava import HookedLlava, LlavaInputs
 
 from . import ranges
-from .attribution import Target, resolve_targets
+from .contributions import Target, resolve_targets
 from .patch_grid import grid_positions
 from .readout import read_out
 

@@ -28,7 +28,7 @@ from torch import Tensor
 from hooked_llava import HookedLlava, LlavaInputs
 
 from . import ranges
-from .attribution import (
+from .contributions import (
     FrozenReadout,
     Target,
     head_vectors,

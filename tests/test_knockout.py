@@ -8,6 +8,7 @@ import math
 import pandas as pd
 import pytest
 import torch
+from conftest import assert_no_hooks
 from torch.testing import assert_close
 
 from analyses.attention_knockout import knockout, knockout_sweep
@@ -38,11 +39,6 @@ def padded(deep):
 
 def col(series):
     return torch.tensor(series.to_numpy(), dtype=torch.float64)
-
-
-def assert_no_hooks(model):
-    for name, hp in model.hook_dict.items():
-        assert not hp._forward_hooks and not hp._backward_hooks and not hp.fwd_hooks, name
 
 
 def hf_knockout(hf, inputs, target, source, layers):
