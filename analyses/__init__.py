@@ -5,11 +5,14 @@ DataFrames, and leaves the model without hooks. Plotting lives in `analyses.plot
 """
 
 from .ablation import ablate_heads, head_ablation_scan
-from .attribution import FrozenReadout, direct_logit_attribution, log_prob_increase, top_heads, top_units
+from .attention_knockout import knockout, knockout_sweep
+from .attribution import direct_logit_attribution, log_prob_increase, top_heads, top_units
+from .contributions import FrozenReadout
 from .embedding import embedding_projection, mrr, reciprocal_ranks, vocab_scores
-from .knockout import knockout, knockout_sweep, summarize_knockout
-from .logit_lens import lens_positions, logit_lens, token_ranks, top_k_table, word_forms
-from .patch_importance import faithfulness, patch_importance
+from .knockout_stats import summarize_knockout
+from .lens import logit_lens, token_ranks, top_k_table, word_forms
+from .occlusion import faithfulness
+from .patch_maps import patch_importance
 from .patching import (
     attribute_attn_out,
     attribute_heads,
@@ -22,6 +25,7 @@ from .patching import (
 )
 from .plot_flows import plot_head_scan, plot_knockout, plot_patching, plot_sweep
 from .plotting import plot_head_scores, plot_logit_lens, plot_patch_heatmap
+from .readout import lens_positions
 
 __all__ = [
     "ablate_heads",

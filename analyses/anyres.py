@@ -17,7 +17,8 @@ from torch import Tensor
 
 from hooked_llava import HookedLlava, LlavaInputs
 
-from .attribution import Target, last_query, log_prob_increase, run_at_last
+from .attribution import log_prob_increase
+from .contributions import Target, last_query, run_at_last
 
 TokenMethod = Literal["log_prob_increase", "attention"]
 

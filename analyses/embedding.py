@@ -28,7 +28,7 @@ from torch import Tensor
 from hooked_llava import HookedLlava, LlavaInputs
 
 from . import ranges
-from .logit_lens import collect, read_out
+from .readout import collect, read_out
 
 Matrix = Literal["E", "U"]
 Similarity = Literal["dot", "cosine"]

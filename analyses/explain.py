@@ -149,7 +149,7 @@ def _answer(model: HookedLlava, inputs: LlavaInputs, name: str) -> Report:
 
 def _logit_lens(model: HookedLlava, inputs: LlavaInputs, report: Report) -> None:
     """Rank and probability, after every layer, of the answer and its three strongest competitors."""
-    from .logit_lens import logit_lens
+    from .lens import logit_lens
     from .plotting import plot_logit_lens
 
     lens = logit_lens(model, inputs)[:, 0, 0].double()  # [layer, d_vocab]
@@ -190,7 +190,8 @@ def _heads(model: HookedLlava, inputs: LlavaInputs, report: Report) -> tuple[int
 
 
 def _knockout(model: HookedLlava, inputs: LlavaInputs, report: Report, flows: list[str]) -> None:
-    from .knockout import knockout_sweep, summarize_knockout
+    from .attention_knockout import knockout_sweep
+    from .knockout_stats import summarize_knockout
     from .plot_flows import plot_knockout
 
     sweep = knockout_sweep(model, inputs, flows, answer=report.answer_id, progress=False)

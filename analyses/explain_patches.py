@@ -22,7 +22,8 @@ UNIFORM = "map value (share of the head's patch score)"
 def patch_section(model: HookedLlava, inputs: LlavaInputs, report: Report, head: tuple[int, int]) -> None:
     """Study A's map inside the top head (float64) beside the mean-attention baseline."""
     from .attribution import log_prob_increase
-    from .patch_importance import grid_positions, patch_importance
+    from .patch_grid import grid_positions
+    from .patch_maps import patch_importance
     from .plotting import plot_patch_heatmap
 
     y, readout = report.answer_id, torch.float64  # read out in float64: resolves differences far below 1e-5 nats
@@ -56,7 +57,7 @@ def _outline(ax, inputs: LlavaInputs) -> None:
     """White boxes around the patches of the objects the question names (the "related" role)."""
     if not inputs.boxes or not inputs.boxes[0] or inputs.crop is None:
         return
-    from .patch_importance import grid_positions
+    from .patch_grid import grid_positions
 
     related = inputs.mask("related")[0][grid_positions(inputs)[0]]
     side = inputs.crop[1] / inputs.grid_size
@@ -91,7 +92,7 @@ def embedding_section(model: HookedLlava, inputs: LlavaInputs, report: Report, k
 def _related_cells(inputs: LlavaInputs) -> set[int] | None:
     if not inputs.boxes or not inputs.boxes[0]:
         return None
-    from .patch_importance import grid_positions
+    from .patch_grid import grid_positions
 
     related = inputs.mask("related")[0][grid_positions(inputs)[0]]
     return set(related.nonzero()[:, 0].tolist())

@@ -153,7 +153,7 @@ def plot_sweep(knockout: pd.DataFrame, title: str | None = None, columns: int = 
         >>> runs = knockout_sweep(model, inputs, ["image->last", "question->last"]).assign(category="demo")
         >>> plot_sweep(runs).savefig("sweep.png")  # usually run_sweep(...)["knockout"]
     """
-    from .knockout import MIN_N, summarize_knockout
+    from .knockout_stats import MIN_N, summarize_knockout
 
     if not len(knockout):
         raise ValueError("nothing to plot: the sweep kept no correctly answered examples.")

@@ -50,7 +50,7 @@ def plot_logit_lens(
     """One line per tracked token form across layers, from `token_ranks`.
 
     Args:
-        table: output of `analyses.logit_lens.token_ranks`.
+        table: output of `analyses.lens.token_ranks`.
         value: "prob", "rank" (drawn on a log axis) or "logit".
         batch: which row to draw.
         position: which sequence position (default: the first in the table for that row).

@@ -113,8 +113,8 @@ def _write_atomic(frame: pd.DataFrame, path: Path) -> None:
 
 def _one(model: HookedLlava, ex: SweepExample, image: Any, target: int, flows: list[str], window: int,
          lens: bool) -> dict[str, pd.DataFrame]:  # fmt: skip
-    from .knockout import knockout_sweep
-    from .logit_lens import logit_lens, token_ranks
+    from .attention_knockout import knockout_sweep
+    from .lens import logit_lens, token_ranks
 
     inputs = model.prepare(images=[image], prompts=[ex.prompt], boxes=[ex.boxes])
     with torch.no_grad():
@@ -250,7 +250,7 @@ def run_sweep(
         >>> tables = run_sweep(model, shapes_examples(1, categories=["Colour"]), "runs/shapes")  # resumes on rerun
         >>> tables["examples"].groupby("category")["correct"].mean()  # then summary_table(tables["knockout"])
     """
-    from .knockout import resolve_flows
+    from .flows import resolve_flows
 
     examples, flows = list(examples), list(flows or DEFAULT_FLOWS)
     resolve_flows(flows)  # an unknown flow name fails here, before the folder records it
@@ -301,7 +301,7 @@ def summary_table(knockout: pd.DataFrame, confidence: float = 0.95) -> pd.DataFr
         >>> summary_table(runs.rename(columns={"rel_change": "rel_change_pct"})).columns[4]
         'rel_change_pct_mean'
     """
-    from .knockout import summarize_knockout
+    from .knockout_stats import summarize_knockout
 
     skip = {"layer", "example", "p_base", "p_blocked"}
     values = [c for c in knockout.columns if c not in skip and pd.api.types.is_numeric_dtype(knockout[c])]

@@ -172,7 +172,7 @@ class RaySweepPool:
         """`run_sweep` on the actors: same arguments (but the model), same store, same tables.
         `bad_rows` are listed in example order; without it, the first bad example raises
         `BadExampleError` once the examples in flight are stored."""
-        from .knockout import resolve_flows
+        from .flows import resolve_flows
 
         examples, flows = list(examples), list(flows or DEFAULT_FLOWS)
         resolve_flows(flows)

@@ -53,7 +53,7 @@ def check_out(out: str) -> bool:
 
 def check_flows(text: str) -> list[str]:
     """Comma-separated flow names, each `source->target` with known roles."""
-    from analyses.knockout import _ROLE_ALIASES, FLOWS
+    from analyses.flows import _ROLE_ALIASES, FLOWS
 
     from .inputs import ROLES
 

@@ -17,6 +17,30 @@ PROMPTS = [
     "USER: <image>\nWhat is the color of the circle?\nASSISTANT:",
     "USER: <image>\nIs the square red or blue?\nASSISTANT:",
 ]
+# A long and a short prompt: the short one is left padded.
+SHORT_PROMPTS = [
+    "USER: <image>\nWhat is the color of the circle?\nASSISTANT:",
+    "USER: <image>\nIs it red?\nASSISTANT:",
+]
+
+
+def assert_no_hooks(model):
+    """No hook point of `model` holds a forward or backward hook: a pure analysis leaves none behind."""
+    for name, hp in model.hook_dict.items():
+        assert not hp.has_hooks(), name
+        assert not hp._forward_hooks and not hp._backward_hooks and not hp.fwd_hooks, name
+
+
+def random_norm_twin(seed):
+    """`(HookedLlava, HF twin, inputs)`: a tiny model whose RMSNorm weights are random (so a forgotten
+    norm weight shows), built from HF weights drawn with `seed`, and `SHORT_PROMPTS` over two images
+    drawn with `seed + 1`."""
+    from hooked_llava import HookedLlava
+    from hooked_llava.testing import random_images, tiny_hf_llava, tiny_processor
+
+    hf = tiny_hf_llava(seed=seed, random_norms=True)
+    model = HookedLlava.from_hf(hf, tiny_processor())
+    return model, hf, model.prepare(images=random_images(2, seed=seed + 1), prompts=SHORT_PROMPTS)
 
 
 @pytest.fixture(autouse=True)
@@ -42,6 +66,16 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
+def saved(tiny, tmp_path_factory):
+    """The `tiny` model saved by HF: an index and several shards, with its processor."""
+    model, hf = tiny
+    path = tmp_path_factory.mktemp("llava")
+    hf.save_pretrained(path, max_shard_size="20KB")
+    model.processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def images():
     from hooked_llava.testing import random_images
 
@@ -53,3 +87,15 @@ def batch(tiny, images):
     """Two prompts of different lengths with two different images (left padded)."""
     model, _ = tiny
     return model.prepare(images=images, prompts=PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def shapes_llava():
+    """The trained `shapes-llava` checkpoint; the test is skipped while it is not built."""
+    from hooked_llava import HookedLlava
+    from hooked_llava.shapes import checkpoint_path
+
+    if not checkpoint_path("shapes-llava").is_dir():
+        pytest.skip("the shapes-llava checkpoint is not built yet")
+
+    return HookedLlava.from_pretrained("shapes-llava")

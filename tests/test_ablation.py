@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_no_hooks
 from torch.testing import assert_close
 
 from analyses.ablation import ablate_heads, head_ablation_scan, head_means, parse_heads
@@ -33,11 +34,6 @@ def reference(pair):
     from hooked_llava.testing import random_images
 
     return pair[0].prepare(images=random_images(3, seed=7), questions=["Is the circle left?", "What?", "Which shape?"])
-
-
-def assert_no_hooks(model):
-    for name, hp in model.hook_dict.items():
-        assert not hp._forward_hooks and not hp._backward_hooks and not hp.fwd_hooks, name
 
 
 def hf_run(hf, inputs, edit):

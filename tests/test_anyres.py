@@ -7,8 +7,8 @@ import torch
 from test_architectures import PROMPTS, SIZES, _image, _next
 
 from analyses.anyres import anyres_maps, token_importance
+from analyses.attention_knockout import knockout, knockout_sweep
 from analyses.attribution import log_prob_increase
-from analyses.knockout import knockout, knockout_sweep
 from analyses.plotting import plot_anyres_maps
 
 

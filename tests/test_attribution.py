@@ -3,36 +3,20 @@
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHORT_PROMPTS, assert_no_hooks, random_norm_twin
 from torch.testing import assert_close
 
-from analyses.attribution import (
-    direct_logit_attribution,
-    head_vectors,
-    log_prob_increase,
-    position_vectors,
-    top_heads,
-    top_units,
-)
-
-PROMPTS = [
-    "USER: <image>\nWhat is the color of the circle?\nASSISTANT:",
-    "USER: <image>\nIs it red?\nASSISTANT:",
-]
+from analyses.attribution import direct_logit_attribution, log_prob_increase, top_heads, top_units
+from analyses.contributions import head_vectors, position_vectors
 
 
 @pytest.fixture(scope="module")
 def setup():
     """Tiny GQA model with random RMSNorm weights, its HF twin, and a left-padded batch."""
-    from hooked_llava import HookedLlava
-    from hooked_llava.testing import random_images, tiny_hf_llava, tiny_processor
-
-    hf = tiny_hf_llava(seed=5, random_norms=True)
-    model = HookedLlava.from_hf(hf, tiny_processor())
-    inputs = model.prepare(images=random_images(2, seed=6), prompts=PROMPTS)
+    model, hf, inputs = random_norm_twin(seed=5)
     return model, hf, inputs, reference(hf, inputs)
 
 
@@ -86,10 +70,6 @@ def per_position_head_vectors(hf, out, b, layer, head, last):
     v = v.repeat_interleave(cfg.num_attention_heads // cfg.num_key_value_heads, dim=1)  # GQA: one kv per query head
     w_o = attn.self_attn.o_proj.weight[:, head * d_head : (head + 1) * d_head]  # [d_model, d_head]
     return (out.attentions[layer][b, head, last][:, None] * v[:, head]) @ w_o.T.detach()
-
-
-def assert_no_hooks(model):
-    assert [name for name, hp in model.hook_dict.items() if hp.has_hooks()] == []
 
 
 @pytest.mark.parametrize("target", [None, "red", [21, "blue"]])
@@ -248,7 +228,7 @@ def test_dla_keeps_attention_output_biases():
             if "self_attn.o_proj.bias" in name:
                 p.normal_(0, 0.5)  # HF initialises biases to zero
     model = HookedLlava.from_hf(hf, tiny_processor())
-    inputs = model.prepare(images=random_images(2, seed=12), prompts=PROMPTS)
+    inputs = model.prepare(images=random_images(2, seed=12), prompts=SHORT_PROMPTS)
     dla = direct_logit_attribution(model, inputs, "red", "blue")
     assert dla[dla.batch == 0].component.iloc[-1] == "attn_bias"
     assert dla[dla.component == "attn_bias"].attribution.abs().min() > 1e-4
@@ -279,7 +259,7 @@ def test_no_hooks_left_even_when_a_hook_raises(setup, monkeypatch, call):
     def broken(act, hook, store, select):
         raise RuntimeError("boom inside the hook")
 
-    monkeypatch.setattr(importlib.import_module("analyses.logit_lens"), "_keep", broken)
+    monkeypatch.setattr(importlib.import_module("analyses.readout"), "_keep", broken)
     with pytest.raises(RuntimeError, match="boom"):
         CALLS[call](model, inputs)
     assert_no_hooks(model)
@@ -293,16 +273,10 @@ def test_bad_arguments_say_what_to_do(setup):
         log_prob_increase(model, inputs, target=[1, 2, 3])
 
 
-SHAPES = Path(__file__).resolve().parents[1] / "hooked_llava" / "checkpoints" / "shapes-llava"
-
-
-def test_shapes_llava_attributions():
-    if not SHAPES.is_dir():
-        pytest.skip("the shapes-llava checkpoint is not built yet")
-    from hooked_llava import HookedLlava
+def test_shapes_llava_attributions(shapes_llava):
     from hooked_llava.shapes import ShapesWorld
 
-    model = HookedLlava.from_pretrained("shapes-llava")
+    model = shapes_llava
     examples = [ShapesWorld(0).example(i, "Colour") for i in range(4)]
     inputs = model.prepare(images=[e.image for e in examples], prompts=[e.prompt for e in examples])
     answers = [e.answer for e in examples]
@@ -326,7 +300,7 @@ def frozen_scores_by_hand(model, x, v, final, y):
 def layer_scores_by_hand(model, inputs):
     """Attention-layer scores of every row, in float64, from the same last-position activations the
     analysis collects (two forward passes can differ by float32 rounding, which would hide the readout's)."""
-    from analyses.attribution import run_at_last
+    from analyses.contributions import run_at_last
 
     n = model.cfg.n_layers
     names = [f"blocks.{i}.{h}" for i in range(n) for h in ("hook_resid_pre", "hook_attn_out")]

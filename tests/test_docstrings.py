@@ -8,7 +8,10 @@ import inspect
 
 import pytest
 
-MODULES = ["knockout", "ablation", "patching", "plot_flows", "anyres", "explain", "sweep", "gqa"]
+MODULES = [
+    "flows", "attention_knockout", "knockout_stats", "ablation", "patching", "plot_flows", "anyres", "explain", "sweep",
+    "gqa",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

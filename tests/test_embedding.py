@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_no_hooks, random_norm_twin
 from torch.testing import assert_close
 
 from analyses.embedding import embedding_projection, mrr, reciprocal_ranks
-
-PROMPTS = [
-    "USER: <image>\nWhat is the color of the circle?\nASSISTANT:",
-    "USER: <image>\nIs it red?\nASSISTANT:",
-]
 
 
 @pytest.fixture(scope="module")
 def setup():
     """Tiny model with random RMSNorm weights (the "U" readout uses the final norm), HF twin, inputs."""
-    from hooked_llava import HookedLlava
-    from hooked_llava.testing import random_images, tiny_hf_llava, tiny_processor
-
-    hf = tiny_hf_llava(seed=7, random_norms=True)
-    model = HookedLlava.from_hf(hf, tiny_processor())
-    return model, hf, model.prepare(images=random_images(2, seed=8), prompts=PROMPTS)
+    return random_norm_twin(seed=7)
 
 
 def hf_features(hf, inputs):
@@ -47,10 +37,6 @@ def hf_scores(hf, feats, matrix, similarity):
         if similarity == "cosine":
             return F.normalize(feats, dim=-1) @ F.normalize(E, dim=-1).T
         return feats @ E.T
-
-
-def assert_no_hooks(model):
-    assert [name for name, hp in model.hook_dict.items() if hp.has_hooks()] == []
 
 
 @pytest.mark.parametrize(("matrix", "similarity"), [("E", "dot"), ("E", "cosine"), ("U", "dot")])
@@ -157,22 +143,16 @@ def test_no_hooks_left_even_when_a_hook_raises(setup, monkeypatch, call):
     def broken(act, hook, store, select):
         raise RuntimeError("boom inside the hook")
 
-    monkeypatch.setattr(importlib.import_module("analyses.logit_lens"), "_keep", broken)
+    monkeypatch.setattr(importlib.import_module("analyses.readout"), "_keep", broken)
     with pytest.raises(RuntimeError, match="boom"):
         run()
     assert_no_hooks(model)
 
 
-SHAPES = Path(__file__).resolve().parents[1] / "hooked_llava" / "checkpoints" / "shapes-llava"
-
-
-def test_shapes_llava_image_tokens_in_vocabulary_space():
-    if not SHAPES.is_dir():
-        pytest.skip("the shapes-llava checkpoint is not built yet")
-    from hooked_llava import HookedLlava
+def test_shapes_llava_image_tokens_in_vocabulary_space(shapes_llava):
     from hooked_llava.shapes import ShapesWorld
 
-    model = HookedLlava.from_pretrained("shapes-llava")
+    model = shapes_llava
     example = ShapesWorld(0).example(0, "Colour")
     inputs = model.prepare(images=[example.image], prompts=[example.prompt], boxes=[list(example.related_bboxes)])
     table = embedding_projection(model, inputs, "E", k=3)

@@ -8,17 +8,12 @@ import math
 import pandas as pd
 import pytest
 import torch
+from conftest import assert_no_hooks
 from torch.testing import assert_close
 
-from analyses.knockout import (
-    flow_mask,
-    knockout,
-    knockout_sweep,
-    resolve_flows,
-    summarize_knockout,
-    t_quantile,
-    window_layers,
-)
+from analyses.attention_knockout import knockout, knockout_sweep
+from analyses.flows import flow_mask, resolve_flows, window_layers
+from analyses.knockout_stats import summarize_knockout, t_quantile
 from analyses.plot_flows import plot_knockout
 
 QUESTIONS = ["What is the color of the circle?", "Is the square red?"]
@@ -44,11 +39,6 @@ def padded(deep):
 
 def col(series):
     return torch.tensor(series.to_numpy(), dtype=torch.float64)
-
-
-def assert_no_hooks(model):
-    for name, hp in model.hook_dict.items():
-        assert not hp._forward_hooks and not hp._backward_hooks and not hp.fwd_hooks, name
 
 
 def hf_knockout(hf, inputs, target, source, layers):

@@ -12,15 +12,6 @@ from hooked_llava import CheckpointError, HookedLlava
 from hooked_llava.loading import read_checkpoint
 
 
-@pytest.fixture(scope="module")
-def saved(tiny, tmp_path_factory):
-    model, hf = tiny
-    path = tmp_path_factory.mktemp("llava")
-    hf.save_pretrained(path, max_shard_size="20KB")
-    model.processor.save_pretrained(path)
-    return path
-
-
 def _logits(model, batch):
     with torch.no_grad():
         return model(batch)

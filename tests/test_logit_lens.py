@@ -5,29 +5,20 @@ from __future__ import annotations
 import doctest
 import importlib
 import inspect
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_no_hooks, random_norm_twin
 from torch.testing import assert_close
 
-from analyses.logit_lens import lens_positions, logit_lens, token_ranks, top_k_table, word_forms
-
-PROMPTS = [
-    "USER: <image>\nWhat is the color of the circle?\nASSISTANT:",
-    "USER: <image>\nIs it red?\nASSISTANT:",  # shorter: left padded, and a shorter question
-]
+from analyses.lens import logit_lens, token_ranks, top_k_table, word_forms
+from analyses.readout import lens_positions
 
 
 @pytest.fixture(scope="module")
 def setup():
     """A tiny model whose RMSNorm weights are random (so a forgotten `g` shows), its HF twin, inputs."""
-    from hooked_llava import HookedLlava
-    from hooked_llava.testing import random_images, tiny_hf_llava, tiny_processor
-
-    hf = tiny_hf_llava(seed=3, random_norms=True)
-    model = HookedLlava.from_hf(hf, tiny_processor())
-    inputs = model.prepare(images=random_images(2, seed=4), prompts=PROMPTS)
+    model, hf, inputs = random_norm_twin(seed=3)
     return model, hf, inputs
 
 
@@ -54,10 +45,6 @@ def hf_reference(hf, inputs):
 
 def gather(x, pos):
     return x[torch.arange(x.shape[0])[:, None], pos]
-
-
-def assert_no_hooks(model):
-    assert [name for name, hp in model.hook_dict.items() if hp.has_hooks()] == []
 
 
 def test_final_layer_equals_model_logits(setup):
@@ -168,14 +155,23 @@ def test_no_hooks_left_even_when_a_hook_raises(setup, monkeypatch):
     def broken(act, hook, store, select):
         raise RuntimeError("boom inside the hook")
 
-    # `analyses.logit_lens` the attribute is the function; the module is in sys.modules.
-    monkeypatch.setattr(importlib.import_module("analyses.logit_lens"), "_keep", broken)
+    monkeypatch.setattr(importlib.import_module("analyses.readout"), "_keep", broken)
     with pytest.raises(RuntimeError, match="boom"):
         logit_lens(model, inputs, "last")
     assert_no_hooks(model)
 
 
-MODULES = ["logit_lens", "embedding", "attribution", "patch_importance", "plotting"]
+MODULES = [
+    "lens",
+    "readout",
+    "embedding",
+    "attribution",
+    "contributions",
+    "patch_grid",
+    "patch_maps",
+    "occlusion",
+    "plotting",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -194,16 +190,10 @@ def test_docstring_examples_run(name, tmp_path, monkeypatch):
     assert ran >= 5
 
 
-SHAPES = Path(__file__).resolve().parents[1] / "hooked_llava" / "checkpoints" / "shapes-llava"
-
-
-def test_shapes_llava_answer_emerges_in_the_logit_lens():
-    if not SHAPES.is_dir():
-        pytest.skip("the shapes-llava checkpoint is not built yet")
-    from hooked_llava import HookedLlava
+def test_shapes_llava_answer_emerges_in_the_logit_lens(shapes_llava):
     from hooked_llava.shapes import ShapesWorld
 
-    model = HookedLlava.from_pretrained("shapes-llava")
+    model = shapes_llava
     examples = [ShapesWorld(0).example(i, "Colour") for i in range(8)]
     inputs = model.prepare(images=[e.image for e in examples], prompts=[e.prompt for e in examples])
     lens = logit_lens(model, inputs, "last")
@@ -248,15 +238,9 @@ def test_unknown_words_raise_with_near_matches(setup):
     assert model.to_single_token("<unk>") == model.tokenizer.unk_token_id  # asking for <unk> itself is fine
 
 
-def test_shapes_llava_unknown_words_raise():
+def test_shapes_llava_unknown_words_raise(shapes_llava):
     """On the shipped Shapes model: "Red" and "notaword" used to return the `<unk>` id."""
-    from hooked_llava.shapes import checkpoint_path
-
-    if not checkpoint_path("shapes-llava").is_dir():
-        pytest.skip("the shapes-llava checkpoint has not been built")
-    from hooked_llava import HookedLlava
-
-    model = HookedLlava.from_pretrained("shapes-llava")
+    model = shapes_llava
     with pytest.raises(ValueError, match=r"'Red' is not in the vocabulary .*Did you mean: 'red'"):
         model.to_single_token("Red")
     with pytest.raises(ValueError, match=r"'notaword' is not in the vocabulary .*Did you mean: 'not'"):

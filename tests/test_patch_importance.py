@@ -3,30 +3,22 @@
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHORT_PROMPTS, assert_no_hooks, random_norm_twin
 from torch.testing import assert_close
 
 from analyses.attribution import log_prob_increase
-from analyses.patch_importance import faithfulness, grid_positions, patch_importance
-
-PROMPTS = [
-    "USER: <image>\nWhat is the color of the circle?\nASSISTANT:",
-    "USER: <image>\nIs it red?\nASSISTANT:",
-]
+from analyses.occlusion import faithfulness
+from analyses.patch_grid import grid_positions
+from analyses.patch_maps import patch_importance
 
 
 @pytest.fixture(scope="module")
 def setup():
     """Tiny model with random RMSNorm weights, its HF twin, and a left-padded batch of two images."""
-    from hooked_llava import HookedLlava
-    from hooked_llava.testing import random_images, tiny_hf_llava, tiny_processor
-
-    hf = tiny_hf_llava(seed=9, random_norms=True)
-    model = HookedLlava.from_hf(hf, tiny_processor())
-    return model, hf, model.prepare(images=random_images(2, seed=10), prompts=PROMPTS)
+    return random_norm_twin(seed=9)
 
 
 def image_positions(model, inputs, b):
@@ -55,10 +47,6 @@ def hf_last_log_probs(hf, inputs, b, embeds):
 def normalise(x):
     x = (x - x.min()) / (x.max() - x.min())
     return x / x.sum()
-
-
-def assert_no_hooks(model):
-    assert [name for name, hp in model.hook_dict.items() if hp.has_hooks()] == []
 
 
 def test_log_prob_increase_map_is_study_a_tool(setup):
@@ -158,7 +146,7 @@ def test_rows_without_an_image_are_refused(setup):
     model, _, inputs = setup
     from hooked_llava.testing import random_images
 
-    mixed = model.prepare(images=random_images(1), prompts=[PROMPTS[0], "USER: Is it red?\nASSISTANT:"])
+    mixed = model.prepare(images=random_images(1), prompts=[SHORT_PROMPTS[0], "USER: Is it red?\nASSISTANT:"])
     with pytest.raises(ValueError, match="exactly one LLaVA-1.5 image"):
         grid_positions(mixed)
     with pytest.raises((ValueError, TypeError)):  # TypeError when the runtime type checker is on
@@ -174,7 +162,7 @@ def test_no_hooks_left_even_when_a_hook_raises(setup, monkeypatch, method):
     def broken(act, hook, store, select):
         raise RuntimeError("boom inside the hook")
 
-    monkeypatch.setattr(importlib.import_module("analyses.logit_lens"), "_keep", broken)
+    monkeypatch.setattr(importlib.import_module("analyses.readout"), "_keep", broken)
     with pytest.raises(RuntimeError, match="boom"):
         patch_importance(model, inputs, method)
     assert_no_hooks(model)
@@ -197,16 +185,10 @@ def test_occlusion_and_faithfulness_leave_no_hooks_when_the_forward_raises(setup
     assert_no_hooks(model)
 
 
-SHAPES = Path(__file__).resolve().parents[1] / "hooked_llava" / "checkpoints" / "shapes-llava"
-
-
-def test_shapes_llava_maps_and_faithfulness():
-    if not SHAPES.is_dir():
-        pytest.skip("the shapes-llava checkpoint is not built yet")
-    from hooked_llava import HookedLlava
+def test_shapes_llava_maps_and_faithfulness(shapes_llava):
     from hooked_llava.shapes import ShapesWorld
 
-    model = HookedLlava.from_pretrained("shapes-llava")
+    model = shapes_llava
     examples = [ShapesWorld(0).example(i, "Colour") for i in range(4)]
     inputs = model.prepare(images=[e.image for e in examples], prompts=[e.prompt for e in examples])
     maps = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformer_lens.patching as tl_patching
+from conftest import assert_no_hooks
 from torch.testing import assert_close
 
 from analyses.patching import (
@@ -49,11 +50,6 @@ def scenes(model):
 def metric(model, scenes):
     rows, last, red = torch.arange(2), scenes[0].last, model.to_single_token("red")
     return lambda logits: logits[rows, last].log_softmax(-1)[:, red].mean()
-
-
-def assert_no_hooks(model):
-    for name, hp in model.hook_dict.items():
-        assert not hp._forward_hooks and not hp._backward_hooks and not hp.fwd_hooks, name
 
 
 def run(model, inputs, hooks=()):

@@ -28,16 +28,6 @@ HEAD = "language_model.lm_head.weight"
 
 
 @pytest.fixture(scope="module")
-def saved(tiny, tmp_path_factory):
-    """The tiny model saved by HF: an index and several shards, with its processor."""
-    model, hf = tiny
-    path = tmp_path_factory.mktemp("llava")
-    hf.save_pretrained(path, max_shard_size="20KB")
-    model.processor.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def state(saved):
     return dict(read_checkpoint(saved))
 

@@ -15,8 +15,9 @@ import pandas as pd
 import pytest
 import torch
 
+from analyses.attention_knockout import knockout_sweep
 from analyses.gqa import GQAFormatError, gqa_examples
-from analyses.knockout import knockout_sweep, summarize_knockout, t_quantile
+from analyses.knockout_stats import summarize_knockout, t_quantile
 from analyses.plot_flows import plot_sweep
 from analyses.sweep import (
     BadExampleError,
