@@ -26,7 +26,7 @@ from torch import Tensor
 
 from hooked_llava.shapes.world import COLORS, SHAPES, ShapesWorld, horizontal_word
 
-from .patch_importance import grid_positions
+from .patch_grid import grid_positions
 
 PRECISION, RECALL = 0.9, 0.5
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from hooked_llava.inputs import LlavaInputs
 
-from .patch_importance import to_grid
+from .patch_grid import to_grid
 
 Metric = Callable[[Tensor, LlavaInputs], Tensor]  # (logits, inputs) -> [batch]
 

@@ -197,7 +197,7 @@ def test_run_blocks_from_a_cached_residual_equals_the_single_device_model(pair, 
 
 
 def test_knockout_and_patching_equal_the_single_device_model(pair, inputs):
-    from analyses.knockout import knockout_sweep
+    from analyses.attention_knockout import knockout_sweep
     from analyses.patching import patch_image_blocks
 
     model, split = pair

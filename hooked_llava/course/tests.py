@@ -12,7 +12,7 @@ from functools import partial
 import torch
 
 import analyses
-from analyses.knockout import window_layers
+from analyses.flows import window_layers
 from hooked_llava import HookedLlava
 from hooked_llava.shapes import ShapesWorld
 
