@@ -211,3 +211,119 @@ def test_prepending_hooks(model, zero_attach_pos, prepend):
 @pytest.mark.xfail(strict=True, reason="parameter names: in progress")
 def test_unembed_module_has_the_bias(model):
     torch.testing.assert_close(model.unembed.b_U, model.b_U)
+
+
+# --- start_at_layer / stop_at_layer (test_start_at_layer.py, test_stop_at_layer.py) ---------------
+@pytest.fixture(scope="module")
+def tokens(model):
+    return model.to_tokens([WORLD.example(i, "Colour").text_prompt for i in range(2)])
+
+
+def layer_keys(cache, n_layers: int) -> dict[str, bool]:
+    names = ["hook_embed", "ln_final.hook_normalized"]
+    names += [f"blocks.{i}.hook_resid_{k}" for i in range(n_layers + 1) for k in ("pre", "post")]
+    return {name: name in cache.keys() for name in names}
+
+
+def expected_keys(n_layers: int, first: int, last: int, embed: bool, final: bool) -> dict[str, bool]:
+    want = {"hook_embed": embed, "ln_final.hook_normalized": final}
+    want |= {f"blocks.{i}.hook_resid_{k}": first <= i < last for i in range(n_layers + 1) for k in ("pre", "post")}
+    return want
+
+
+@pytest.mark.parametrize("start", [1, -1, None])
+def test_start_at_layer_caches_only_the_layers_run(model, tokens, start):
+    n = model.cfg.n_layers
+    embed = model.input_to_embed(tokens)[0]
+    with torch.no_grad():
+        output, cache = model.run_with_cache(tokens if start is None else embed, start_at_layer=start)
+    assert output.shape == (*tokens.shape, model.cfg.d_vocab)
+    first = 0 if start is None else start % n
+    assert layer_keys(cache, n) == expected_keys(n, first, n, embed=start is None, final=True)
+
+
+def test_start_at_layer_none_with_no_output(model, tokens):
+    with torch.no_grad():
+        output, cache = model.run_with_cache(tokens, start_at_layer=None, return_type=None)
+    n = model.cfg.n_layers
+    assert output is None and layer_keys(cache, n) == expected_keys(n, 0, n, embed=True, final=True)
+
+
+def test_start_at_layer_run_with_hooks_and_manual_hooks(model, tokens):
+    n, counts = model.cfg.n_layers, []
+    count = lambda act, hook: counts.append(hook.name)  # noqa: E731
+    embed = model.input_to_embed(tokens)[0]
+    names = ["hook_embed", "blocks.0.attn.hook_k", "blocks.1.mlp.hook_pre", f"blocks.{n - 1}.attn.hook_k"]
+    with torch.no_grad():
+        assert model.run_with_hooks(input=embed, start_at_layer=1, fwd_hooks=[(k, count) for k in names]) is not None
+        assert counts == names[2:]
+        counts.clear()
+        model.hook_embed.add_hook(count)
+        model.blocks[0].hook_mlp_out.add_hook(count)
+        model.blocks[n - 2].hook_resid_mid.add_hook(count)
+        model.blocks[n - 1].attn.hook_z.add_hook(count)
+        model(embed, start_at_layer=-2)
+    assert counts == [f"blocks.{n - 2}.hook_resid_mid", f"blocks.{n - 1}.attn.hook_z"]
+
+
+def test_start_and_stop(model, tokens):
+    n = model.cfg.n_layers
+    with torch.no_grad():
+        output, cache = model.run_with_cache(model.input_to_embed(tokens)[0], start_at_layer=1, stop_at_layer=2)
+    torch.testing.assert_close(output, cache["blocks.1.hook_resid_post"])
+    assert layer_keys(cache, n) == expected_keys(n, 1, 2, embed=False, final=False)
+
+
+def test_start_at_layer_kwargs_give_the_same_loss(model):
+    embed, tokens, pos_embed, mask = model.input_to_embed(PROMPT)
+    assert tokens is not None and pos_embed is None and mask is not None  # rotary: no positional embedding
+    with torch.no_grad():
+        resumed = model(
+            embed,
+            tokens=tokens,
+            shortformer_pos_embed=pos_embed,
+            attention_mask=mask,
+            start_at_layer=0,
+            return_type="loss",
+        )
+        torch.testing.assert_close(resumed, model(PROMPT, return_type="loss"))
+
+
+@pytest.mark.parametrize("stop", [0, 1, -1])
+def test_stop_at_layer_returns_the_residual_and_caches_the_layers_run(model, tokens, stop):
+    n = model.cfg.n_layers
+    with torch.no_grad():
+        _, normal = model.run_with_cache(tokens)
+        output, cache = model.run_with_cache(tokens, stop_at_layer=stop)
+    torch.testing.assert_close(output, normal[f"blocks.{stop % n}.hook_resid_pre"])
+    assert layer_keys(cache, n) == expected_keys(n, 0, stop % n, embed=True, final=False)
+    if stop == 1:
+        assert all(key.startswith("blocks.0.") or key == "hook_embed" for key in cache.keys())
+
+
+def test_stop_at_layer_with_an_image(llava):
+    example = WORLD.example(0, "Colour")
+    inputs = llava.prepare(images=[example.scene.image], prompts=[example.prompt])
+    with torch.no_grad():
+        _, normal = llava.run_with_cache(inputs)
+        output = llava(inputs, stop_at_layer=3)
+    torch.testing.assert_close(output, normal["blocks.3.hook_resid_pre"])
+
+
+def test_stop_at_layer_run_with_hooks_and_manual_hooks(model, tokens):
+    n, counts = model.cfg.n_layers, []
+    count = lambda act, hook: counts.append(hook.name)  # noqa: E731
+    names = ["hook_embed", "blocks.0.attn.hook_k", "blocks.1.mlp.hook_pre"]
+    with torch.no_grad():
+        _, normal = model.run_with_cache(tokens)
+        output = model.run_with_hooks(tokens, stop_at_layer=1, fwd_hooks=[(k, count) for k in names])
+        torch.testing.assert_close(output, normal["blocks.0.hook_resid_post"])
+        assert counts == names[:2]
+        counts.clear()
+        model.hook_embed.add_hook(count)
+        model.blocks[0].hook_mlp_out.add_hook(count)
+        model.blocks[n - 2].hook_resid_mid.add_hook(count)
+        model.blocks[n - 1].attn.hook_z.add_hook(count)
+        output = model(tokens, stop_at_layer=-1)
+    torch.testing.assert_close(output, normal[f"blocks.{n - 2}.hook_resid_post"])
+    assert counts == ["hook_embed", "blocks.0.hook_mlp_out", f"blocks.{n - 2}.hook_resid_mid"]
