@@ -116,11 +116,19 @@ class HookingMixin:
     def check_hook_fires(self, name: str) -> None:
         """Raise a clear error when a hook named explicitly would never fire."""
         if not self.hook_fires(name):
-            switch = next(s for suffix, s in SWITCHED.items() if name.endswith(suffix))
-            raise ValueError(
-                f"{name} does not fire while cfg.{switch} is off (TransformerLens' default): "
-                f"call model.{SETTERS[switch]}(True) first."
-            )
+            raise ValueError(self._off_message(name))
+
+    def check_hooks_to_add(self, hook_point: Any, hook_point_name: str, hook: Any, **kwargs: Any) -> None:
+        """As in TransformerLens, adding a hook whose switch is off raises `AssertionError`."""
+        if not self.hook_fires(hook_point_name):
+            raise AssertionError(self._off_message(hook_point_name))
+
+    def _off_message(self, name: str) -> str:
+        switch = next(s for suffix, s in SWITCHED.items() if name.endswith(suffix))
+        return (
+            f"{name} does not fire while cfg.{switch} is off (TransformerLens' default): "
+            f"call model.{SETTERS[switch]}(True) first."
+        )
 
     def _switch_cfgs(self) -> list[Any]:
         return [self.cfg] + ([self.vision.cfg] if self.vision is not None else [])

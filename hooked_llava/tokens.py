@@ -36,7 +36,12 @@ class TokensMixin:
         return getattr(self.processor, "tokenizer", self.processor)
 
     def to_tokens(
-        self, input: str | list[str], prepend_bos: bool | None = None, padding_side: str | None = None
+        self,
+        input: str | list[str],
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        move_to_device: bool = True,
+        truncate: bool = True,
     ) -> Int[Tensor, "batch pos"]:
         """Tokenise text as TransformerLens does; each `<image>` is expanded to the image's number
         of placeholder tokens.
@@ -45,11 +50,18 @@ class TokensMixin:
             prepend_bos: put the BOS token first (None: `cfg.default_prepend_bos`, True by default).
                 Pass False when tokenising part of a prompt, e.g. an answer.
             padding_side: "right" (default, as TransformerLens) or "left", for batches of texts.
+            move_to_device: put the tokens on `cfg.device` (False: leave them on the CPU).
+            truncate: keep at most `cfg.n_ctx` tokens of each text (its end is cut), as TransformerLens does.
         """
-        return self.tokenize(input, prepend_bos, padding_side)[0]
+        tokens = self.tokenize(input, prepend_bos, padding_side, truncate=truncate)[0]
+        return tokens.to(self.cfg.device) if move_to_device else tokens
 
     def tokenize(
-        self, input: str | list[str], prepend_bos: bool | None = None, padding_side: str | None = None
+        self,
+        input: str | list[str],
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        truncate: bool = False,
     ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
         """`to_tokens` with the attention mask that marks real tokens (1) and padding (0)."""
         texts = [input] if isinstance(input, str) else list(input)
@@ -66,6 +78,7 @@ class TokensMixin:
         bos = getattr(self.cfg, "default_prepend_bos", True) if prepend_bos is None else prepend_bos
         if bos and tok.bos_token_id is not None:  # tokenizers without BOS (e.g. Qwen2) get none, as in TL
             rows = [[tok.bos_token_id, *row] for row in rows]
+        rows = [row[: self.cfg.n_ctx] for row in rows] if truncate else rows
         width = max(len(row) for row in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -176,12 +189,13 @@ class TokensMixin:
         return int(found[0] if mode == "first" else found[-1])
 
     def tokens_to_residual_directions(self, tokens: Any) -> Float[Tensor, "... d_model"]:
-        """Unembedding directions of tokens (an id, a string of one token, or a tensor of ids)."""
+        """Unembedding directions of tokens (an id, a string of one token, or a tensor of ids). As in
+        TransformerLens, a tensor holding one id gives one `[d_model]` direction."""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
         ids = torch.as_tensor(tokens)
         directions = self.W_U[:, ids.reshape(-1)].T  # type: ignore[attr-defined]
-        return directions.reshape(*ids.shape, -1) if ids.ndim else directions[0]
+        return directions.reshape(*ids.shape, -1) if ids.numel() > 1 else directions[0]
 
 
 def _image_labels(inputs: LlavaInputs) -> list[list[str | None]]:
