@@ -205,6 +205,5 @@ def test_prepending_hooks(model, zero_attach_pos, prepend):
     assert torch.allclose(logits, model.b_U[None, :]) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="parameter names: in progress")
 def test_unembed_module_has_the_bias(model):
     torch.testing.assert_close(model.unembed.b_U, model.b_U)
