@@ -106,7 +106,7 @@ def gpu_variants(hf: Any, model: Any, inputs: Any, device: torch.device) -> dict
         "HF eager": hf_call(hf, kw, "eager"),
         "HookedLlava forward": lambda: model(inputs),
         "HookedLlava run_with_cache (default)": lambda: model.run_with_cache(inputs),
-        "HookedLlava run_with_cache (no hook_result)": lambda: model.run_with_cache(inputs, names_filter=h.no_result),
+        "HookedLlava run_with_cache (+hook_result)": lambda: h.with_result(model, inputs),
         "HookedLlava run_with_cache (resid only)": lambda: model.run_with_cache(inputs, names_filter=h.resid_only),
     }
     if device.type == "cuda":

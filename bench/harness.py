@@ -244,10 +244,17 @@ def no_result(name: str) -> bool:
     return not name.endswith("hook_result")
 
 
+def with_result(model: Any, inputs: Any) -> Any:
+    """Every hook, the opt-in per-head `hook_result` included (`set_use_attn_result(True)`, restored after)."""
+    with model.hook_switches(use_attn_result=True):
+        return model.run_with_cache(inputs)
+
+
 def variants(models: Models, inputs: Any, extra: bool = True) -> dict[str, Callable[[], Any]]:
     """The calls compared: HF eager and SDPA forwards, HookedLlava forward and caches, the bridge's.
 
-    `extra` adds the cache without `hook_result`, the residual-only cache and the bridge's calls.
+    "default" caches every hook that fires by default (`hook_result` is opt-in, as in TransformerLens);
+    `extra` adds the cache with `hook_result` switched on, the residual-only cache and the bridge's calls.
     """
     kw = dict(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values, attention_mask=inputs.attention_mask)
     m = models
@@ -259,9 +266,7 @@ def variants(models: Models, inputs: Any, extra: bool = True) -> dict[str, Calla
     }
     if not extra:
         return runs
-    runs["HookedLlava run_with_cache (no hook_result)"] = lambda: m.hooked.run_with_cache(
-        inputs, names_filter=no_result
-    )
+    runs["HookedLlava run_with_cache (+hook_result)"] = lambda: with_result(m.hooked, inputs)
     runs["HookedLlava run_with_cache (resid only)"] = lambda: m.hooked.run_with_cache(inputs, names_filter=resid_only)
     if m.bridge is not None:
         bkw = dict(pixel_values=inputs.pixel_values, attention_mask=inputs.attention_mask)

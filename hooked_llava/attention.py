@@ -189,11 +189,13 @@ class Attention(nn.Module):
         groups = self.n_heads // self.n_kv_heads
         if groups > 1:
             kh, vh = kh.repeat_interleave(groups, dim=1), vh.repeat_interleave(groups, dim=1)
-        scores = torch.matmul(qh, kh.transpose(2, 3)) * scale
+        # In place on the fresh matmul result (same values as out of place): no extra score-sized tensors.
+        scores = torch.matmul(qh, kh.transpose(2, 3)).mul_(scale)
+        if mask is None and self.rotary and q.shape[1] > 1:
+            mask = causal_mask(q.shape[1], q.shape[1], q.dtype, q.device)
         if mask is not None:
-            scores = scores + mask
-        elif self.rotary and q.shape[1] > 1:
-            scores = scores + causal_mask(q.shape[1], q.shape[1], q.dtype, q.device)
+            fits = torch.broadcast_shapes(scores.shape, mask.shape) == scores.shape
+            scores = scores.add_(mask) if fits else scores + mask
         scores = self.hook_attn_scores(scores)
         # fp32 softmax as HF does (fp64 stays fp64, where finfo(fp64).min would overflow fp32)
         softmax_dtype = torch.promote_types(q.dtype, torch.float32)

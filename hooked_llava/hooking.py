@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import Tensor
 from transformer_lens.utilities.slice import Slice
 
@@ -151,8 +152,11 @@ class HookingMixin:
         """TransformerLens' caching hooks, except that `pos_slice` always slices the position
         dimension (see `pos_dim`; TransformerLens slices the head dimension of rotary q/k and of
         per-head inputs), and naming a hook whose switch is off raises instead of caching nothing
-        (a filter function just leaves such hooks out)."""
+        (a filter function just leaves such hooks out). With `device` each activation is moved there
+        as it is produced (so `device="cpu"` keeps accelerator memory near a plain forward's); a device
+        that cannot hold the values (`"meta"`, or one this machine lacks) is refused before the forward."""
         names = self._filtered_names(names_filter)
+        device = cache_device(device)
         cache = {} if cache is None else cache
         pos_slice = Slice.unwrap(pos_slice)
 
@@ -179,6 +183,35 @@ class HookingMixin:
         if callable(names_filter):  # hooks whose switch is off are left out, as they would not fire
             return [name for name in self.hook_dict if names_filter(name) and self.hook_fires(name)]
         raise ValueError("names_filter must be a string, a list of strings, or a function of the hook name.")
+
+
+def cache_device(device: Any) -> torch.device | None:
+    """`device` as a `torch.device` where cached activations can live, or None (keep them where they are)."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device={device!r} is not a torch device ({_first_line(err)}); use e.g. 'cpu' or 'cuda:0'."
+        ) from None
+    if dev.type == "meta":
+        raise ValueError(
+            "device='meta' would cache shapes without values; cache on 'cpu' or the model's device, "
+            "or cache fewer hooks with names_filter."
+        )
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as err:
+        raise ValueError(
+            f"cannot cache on device {str(dev)!r}: it is not available here ({_first_line(err)})."
+        ) from None
+    return dev
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def _backward(save: Callable[..., None]) -> Callable[[Tensor, Any], None]:

@@ -161,7 +161,7 @@ def test_gpu_script_runs_its_cpu_side_on_a_tiny_model(capsys):
         "HF eager",
         "HookedLlava forward",
         "HookedLlava run_with_cache (default)",
-        "HookedLlava run_with_cache (no hook_result)",
+        "HookedLlava run_with_cache (+hook_result)",
         "HookedLlava run_with_cache (resid only)",
     }
     assert all(r["peak"] is None and len(r["seconds"]) == 1 for r in results.values())
