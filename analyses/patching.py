@@ -9,6 +9,8 @@ together as batch rows, from the cached corrupted residual before that layer.
 `transformer_lens.patching` itself also works on these inputs (`LlavaInputs` has `.shape`).
 Attribution patching (`attribute_*`) estimates the same sweeps from one forward and one
 backward pass: `(clean - corrupted) · ∂metric/∂activation` at the corrupted run.
+Shared pieces live in `analyses.patching_common`, attribution patching in `analyses.patching_attribution`;
+both are importable from here.
 """
 
 # ruff: noqa: F722  (jaxtyping shape strings are not Python expressions)
@@ -19,62 +21,37 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
-import pandas as pd
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import ActivationCache
 
 from hooked_llava import HookedLlava, LlavaInputs
 
 from . import ranges
+from .patching_attribution import (
+    attribute_attn_out,
+    attribute_heads,
+    attribute_image_blocks,
+    attribute_residual,
+    generic_attribution,
+)
+from .patching_common import (
+    ACTIVATIONS,
+    Clean,
+    Metric,
+    Positions,
+    _clean_cache,
+    check_pair,
+    image_blocks,
+    to_frame,
+)
 
-Positions = str | Sequence[int] | Tensor
-Metric = Callable[[Tensor], Tensor]
-Clean = LlavaInputs | ActivationCache | Mapping[str, Tensor]
-# Activation name → hook name inside block l.
-ACTIVATIONS = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "attn_out": "hook_attn_out",
-               "mlp_out": "hook_mlp_out", "z": "attn.hook_z"}  # fmt: skip
-
-
-def image_blocks(inputs: LlavaInputs, size: int = 2) -> dict[str, Bool[Tensor, "batch pos"]]:
-    """Image positions grouped in `size`×`size` blocks of the patch grid, row-major, by label "r{i}c{j}".
-
-    Example:
-        >>> blocks = image_blocks(inputs, 2)  # a 4x4 grid gives 4 blocks: r0c0, r0c1, r1c0, r1c1
-    """
-    rc, size = inputs.patch_rc(), ranges.count(size, "size", 1, inputs.grid_size)
-    n = -(-inputs.grid_size // size)
-    return {
-        f"r{i}c{j}": (rc[..., 0] // size == i) & (rc[..., 1] // size == j) & (rc[..., 0] >= 0)
-        for i in range(n)
-        for j in range(n)
-    }
-
-
-def check_pair(clean: LlavaInputs, corrupted: LlavaInputs) -> None:
-    """Raise a ValueError unless both batches have the same length, padding and image positions.
-
-    Example:
-        >>> check_pair(clean, clean.with_pixels(other_pixels))  # passes: only the images differ
-    """
-    same = clean.shape == corrupted.shape and torch.equal(clean.attention_mask, corrupted.attention_mask)
-    if not (same and torch.equal(clean.image_mask, corrupted.image_mask)):
-        raise ValueError(
-            f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} inputs must have the same length, "
-            "padding and image positions; use the same prompts, e.g. corrupted = clean.with_pixels(other_pixels)."
-        )
-
-
-def _clean_cache(
-    model: HookedLlava, clean: Clean, corrupted: LlavaInputs, names: list[str]
-) -> ActivationCache | Mapping[str, Tensor]:
-    if not isinstance(clean, LlavaInputs):
-        return clean  # an ActivationCache (or dict) of the clean run, as TransformerLens takes
-    check_pair(clean, corrupted)
-    with torch.no_grad():
-        return model.run_with_cache(clean, names_filter=names, return_type=None)[1]
+__all__ = [
+    "ACTIVATIONS", "Clean", "Metric", "Positions", "attribute_attn_out", "attribute_heads", "attribute_image_blocks",
+    "attribute_residual", "check_pair", "generic_attribution", "generic_patch", "image_blocks", "patch_attn_out",
+    "patch_groups", "patch_heads", "patch_image_blocks", "patch_residual", "to_frame",
+]  # fmt: skip
 
 
 # --- setters `(act, index, clean) -> act`: edit one copy `[batch, ...]` of the corrupted activation -------------------
@@ -239,113 +216,3 @@ def patch_image_blocks(
         >>> out = patch_image_blocks(model, corrupted, clean, metric, size=2)
     """
     return patch_groups(model, corrupted, clean, metric, image_blocks(corrupted, size), **kwargs)
-
-
-# --- attribution patching -------------------------------------------------------------------
-def _keep(act: Tensor, hook: Any, store: dict[str, Tensor]) -> Tensor:
-    store[hook.name] = act
-    return act
-
-
-def _leaf(x: Tensor, hook: Any) -> Tensor:
-    return x if x.requires_grad else x.detach().requires_grad_(True)
-
-
-def generic_attribution(
-    model: HookedLlava,
-    corrupted: LlavaInputs,
-    clean: Clean,
-    metric: Metric,
-    *,
-    activation: str,
-    reduce: Callable[[Tensor], Tensor],
-) -> Float[Tensor, "n_layers n_index"]:
-    """Attribution patching: `(clean - corrupted) · ∂metric/∂act` at the corrupted run, summed by `reduce`.
-
-    Args:
-        metric: logits → scalar (a tensor of values is summed).
-        activation: a key of `ACTIVATIONS`.
-        reduce: `[batch, pos, ...]` products, summed over the model dimension → `[n_index]`.
-
-    Returns:
-        `[n_layers, n_index]`, the estimated change of the metric (patched - corrupted) per piece.
-
-    Example:
-        >>> generic_attribution(model, corrupted, clean, metric, activation="mlp_out", reduce=lambda p: p.sum(0))
-    """
-    names = [f"blocks.{layer}.{ACTIVATIONS[activation]}" for layer in range(model.cfg.n_layers)]
-    clean_cache = _clean_cache(model, clean, corrupted, names)
-    store: dict[str, Tensor] = {}
-    hooks = [("hook_embed", _leaf)] + [(name, partial(_keep, store=store)) for name in names]
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        value = torch.as_tensor(metric(model(corrupted))).sum()
-        grads = torch.autograd.grad(value, [store[name] for name in names])
-    products = [((clean_cache[n].to(g) - store[n].detach()) * g).sum(-1) for n, g in zip(names, grads, strict=True)]
-    return torch.stack([reduce(p) for p in products]).detach()
-
-
-def _group_sum(products: Tensor, masks: list[Tensor]) -> Tensor:
-    return torch.stack([products[m.to(products.device)].sum() for m in masks])
-
-
-attribute_residual = partial(generic_attribution, activation="resid_pre", reduce=lambda p: p.sum(0))
-attribute_residual.__doc__ = """Attribution of `resid_pre` per (layer, position) → `[n_layers, pos]`.
-
-    Example:
-        >>> est = attribute_residual(model, corrupted, clean, metric)  # ≈ patch_residual(...) - metric(corrupted)"""
-attribute_attn_out = partial(generic_attribution, activation="attn_out", reduce=lambda p: p.sum(0))
-attribute_attn_out.__doc__ = """Attribution of `attn_out` per (layer, position) → `[n_layers, pos]`.
-
-    Example:
-        >>> est = attribute_attn_out(model, corrupted, clean, metric)"""
-attribute_heads = partial(generic_attribution, activation="z", reduce=lambda p: p.sum((0, 1)))
-attribute_heads.__doc__ = """Attribution of each head's `z` at all positions → `[n_layers, n_heads]`.
-
-    Example:
-        >>> est = attribute_heads(model, corrupted, clean, metric)"""
-
-
-def attribute_image_blocks(
-    model: HookedLlava,
-    corrupted: LlavaInputs,
-    clean: Clean,
-    metric: Metric,
-    size: int = 2,
-    activation: str = "resid_pre",
-) -> Float[Tensor, "n_layers n_blocks"]:
-    """Attribution of `size`×`size` image blocks (`image_blocks` order) → `[n_layers, n_blocks]`.
-
-    Example:
-        >>> est = attribute_image_blocks(model, corrupted, clean, metric, size=2)
-    """
-    masks = list(image_blocks(corrupted, size).values())
-    return generic_attribution(
-        model, corrupted, clean, metric, activation=activation, reduce=partial(_group_sum, masks=masks)
-    )
-
-
-def to_frame(
-    result: Tensor, axis: str = "pos", inputs: LlavaInputs | None = None, labels: Sequence[str] | None = None
-) -> pd.DataFrame:
-    """A scalar-metric result `[n_layers, n_index]` as a tidy DataFrame: layer, `axis`, value (+ role, label).
-
-    With `inputs` and a "pos" axis, `role` says what each position is in row 0 (image,
-    question, template, last, pad) and `label` names image positions "img r{row}c{col}".
-
-    Example:
-        >>> to_frame(patch_residual(model, corrupted, clean, metric), "pos", corrupted)
-    """
-    n_layers, n_index = result.shape[:2]
-    layer, index = (t.flatten().numpy() for t in torch.meshgrid(torch.arange(n_layers), torch.arange(n_index),
-                                                                  indexing="ij"))  # fmt: skip
-    df = pd.DataFrame({"layer": layer, axis: index, "value": result.reshape(n_layers * n_index).cpu().numpy()})
-    if inputs is not None and axis == "pos":
-        roles = ["pad"] * n_index
-        for role in ("template", "question", "image", "last"):
-            roles = [role if m else r for r, m in zip(roles, inputs.mask(role)[0].tolist(), strict=True)]
-        rc = inputs.patch_rc()[0].tolist()
-        df["role"] = roles * n_layers
-        labels = [f"img r{r}c{c}" if r >= 0 else role for (r, c), role in zip(rc, roles, strict=True)]
-    if labels is not None:
-        df["label"] = list(labels) * n_layers
-    return df

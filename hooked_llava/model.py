@@ -13,7 +13,6 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from transformer_lens import ActivationCache
 from transformer_lens.HookedRootModule import HookedRootModule
 
 from . import checks, devices, tl_state
@@ -23,12 +22,12 @@ from .components import Embed, GatedMLP, HookPoint, RMSNorm, TransformerBlock, U
 from .config import LanguageConfig, LlavaConfigs
 from .entry import EntryMixin
 from .generation import GenerationMixin
-from .hook_points import allow_broadcasting_hooks
 from .hooking import HookingMixin
 from .inputs import LlavaInputs
 from .kv_cache import KeyValueCache, KeyValueCacheEntry
 from .loading import LoadingMixin
 from .locking import LockingMixin, locked
+from .tl_surface import SurfaceMixin
 from .tokens import TokensMixin
 from .vision import Projector, VisionTower
 from .weights import WeightsMixin
@@ -50,7 +49,15 @@ def _lm_block(cfg: LanguageConfig, layer: int) -> TransformerBlock:
 
 
 class HookedLlava(
-    LockingMixin, LoadingMixin, TokensMixin, EntryMixin, WeightsMixin, GenerationMixin, HookingMixin, HookedRootModule
+    LockingMixin,
+    LoadingMixin,
+    TokensMixin,
+    EntryMixin,
+    WeightsMixin,
+    GenerationMixin,
+    HookingMixin,
+    SurfaceMixin,
+    HookedRootModule,
 ):
     """LLaVA with every internal exposed as a live TransformerLens hook point.
 
@@ -273,43 +280,6 @@ class HookedLlava(
         from .inputs import prepare
 
         return prepare(self, images=images, prompts=prompts, **kwargs)
-
-    # --- TransformerLens surface ------------------------------------------------------------
-    allow_broadcasting_hooks = staticmethod(allow_broadcasting_hooks)
-
-    @locked
-    def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, **kwargs: Any) -> tuple[Any, Any]:
-        """`HookedRootModule.run_with_cache`, returning an `ActivationCache` bound to this model."""
-        checks.names_filter(kwargs.get("names_filter"), self.hook_dict)
-        out, cache = super().run_with_cache(*model_args, **kwargs)
-        if not return_cache_object:
-            return out, cache
-        return out, ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
-
-    def remove_all_hook_fns(
-        self, direction: Literal["fwd", "bwd", "both"] = "both", including_permanent: bool = False, level: Any = None
-    ) -> None:
-        """As TransformerLens', but only visits hook points that hold hooks: resetting after every
-        patched run would otherwise walk hundreds of empty points."""
-        for hp in self.hook_dict.values():
-            if hp.fwd_hooks or hp.bwd_hooks:
-                hp.remove_hooks(direction, including_permanent=including_permanent, level=level)
-
-    def clear_contexts(self) -> None:
-        for hp in self.hook_dict.values():
-            if hp.ctx:
-                hp.clear_context()
-
-    def _enable_hook(self, name: Any, hook: Any, dir: Literal["fwd", "bwd"]) -> None:
-        if isinstance(name, str):
-            checks.hook_name(name, self.hook_dict)
-            self.check_hook_fires(name)
-        super()._enable_hook(name, hook, dir)
-
-    @property
-    def hook_names(self) -> Sequence[str]:
-        """All hook names, in module order (the order they fire in a forward pass)."""
-        return list(self.hook_dict)
 
 
 def _entry(past_kv_cache: PastKV, layer: int) -> KeyValueCacheEntry:

@@ -9,7 +9,8 @@ import inspect
 import pytest
 
 MODULES = [
-    "flows", "attention_knockout", "knockout_stats", "ablation", "patching", "plot_flows", "anyres", "explain", "sweep",
+    "flows", "attention_knockout", "knockout_stats", "ablation", "patching", "patching_common", "patching_attribution",
+    "plot_flows", "anyres", "explain", "sweep", "sweep_examples",
     "gqa",
 ]  # fmt: skip
 
