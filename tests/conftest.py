@@ -57,6 +57,14 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _threads_kept_at_one():
+    """A test that runs a command which sets its own thread count (training, evaluation) must not
+    change the numerics of later tests: float sums depend on the number of threads."""
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """`(HookedLlava, HF LlavaForConditionalGeneration)` with the same random weights (GQA, layer -2)."""
