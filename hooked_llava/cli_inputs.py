@@ -86,22 +86,23 @@ def scene(spec: tuple[int, str, int]) -> Any:
 
 
 def load_model(name: str) -> Any:
-    """Load a model, turning a bad name or folder into a one-line `UsageError`."""
-    from .loading import SHIPPED
+    """Load a model, turning a bad name or folder into a one-line `UsageError` (an unknown name fails in
+    `resolve`, before any weights are read or the hub is asked)."""
     from .model import HookedLlava
+    from .resolve import looks_like_path
 
-    shipped = sorted(p.name for p in SHIPPED.iterdir()) if SHIPPED.is_dir() else []
-    local = name.startswith((".", "/", "~")) or Path(name).exists()
-    if name not in shipped and not local and name.count("/") != 1:
-        raise UsageError(
-            f"--model {name!r}: unknown model. Use a shipped model ({', '.join(shipped)}), "
-            "a local checkpoint folder, or a hub id such as llava-hf/llava-1.5-7b-hf."
-        )
     try:
         return HookedLlava.from_pretrained(name)
-    except (OSError, ValueError) as err:  # FileNotFoundError, CheckpointError and friends
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"--model {name!r}: could not load it: {first}") from err
+    except FileNotFoundError as err:
+        if not looks_like_path(name):
+            raise UsageError(f"--model {name!r}: unknown model: {_first_line(err)}") from err
+        raise UsageError(f"--model {name!r}: could not load it: {_first_line(err)}") from err
+    except (OSError, ValueError) as err:  # CheckpointError and friends
+        raise UsageError(f"--model {name!r}: could not load it: {_first_line(err)}") from err
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _mentioned_boxes(example: Any, question: str) -> list:
