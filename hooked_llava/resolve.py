@@ -40,7 +40,8 @@ def hub_timeout() -> float:
 
 
 def _shipped_names() -> list[str]:
-    return sorted(p.name for p in SHIPPED.iterdir() if p.is_dir()) if SHIPPED.is_dir() else []
+    """The shipped models (folders with a `config.json`; the shipped SAE is not a model)."""
+    return sorted(p.name for p in SHIPPED.iterdir() if (p / "config.json").is_file()) if SHIPPED.is_dir() else []
 
 
 def looks_like_path(name: str) -> bool:
