@@ -15,7 +15,9 @@ def smoke_run(tmp_path_factory):
     from hooked_llava.shapes.train import main
 
     out = tmp_path_factory.mktemp("shapes")
-    summary = main(["--out", str(out), "--seed", "0", "--smoke"])
+    before = torch.get_num_threads()
+    summary = main(["--out", str(out), "--seed", "0", "--smoke", "--threads", str(before + 1)])
+    assert torch.get_num_threads() == before, "training must leave the process's thread count as it found it"
     return out, summary
 
 

@@ -365,8 +365,15 @@ def train(
     Returns:
         A summary: seed, recipe, time per stage and the validation accuracies.
     """
-    recipe = recipe or Recipe()
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:  # the process keeps its own thread count afterwards
+        return _train(Path(out), seed, recipe or Recipe(), threads, check, reuse_lm)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(out: Path, seed: int, recipe: Recipe, threads: int, check: int, reuse_lm: str | Path | None) -> dict:
     log, times, checks, cpu0 = Logger(), {}, {}, time.process_time()
     processor = build_processor()
     log(f"training Shapes LLaVA, seed {seed}, {threads} threads, recipe {recipe.to_dict()}")
