@@ -67,6 +67,25 @@ def additive_mask(
     return zeros.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+SOFTMAX_BLOCK = 1 << 20  # elements per fp32 block: 4 MiB, small enough for malloc to reuse without page faults
+
+
+def softmax_fp32(scores: Tensor) -> Tensor:
+    """`F.softmax(scores, -1, dtype=float32).to(scores.dtype)`, as HF eager computes the pattern
+    (fp32 and fp64 scores keep their dtype), with the same values. For 16-bit scores the fp32 work is
+    done a block of rows at a time, so no score-sized fp32 tensors are allocated (at 616 positions
+    and 32 heads two 48 MB buffers, fresh pages at every layer)."""
+    if scores.dtype in (torch.float32, torch.float64):
+        return F.softmax(scores, dim=-1)
+    pattern = torch.empty_like(scores, memory_format=torch.contiguous_format)
+    rows, out = scores.reshape(-1, scores.shape[-1]), pattern.view(-1, scores.shape[-1])
+    step = max(1, SOFTMAX_BLOCK // rows.shape[1])
+    for i in range(0, rows.shape[0], step):
+        block = rows[i : i + step].float()
+        out[i : i + step] = torch.softmax(block, dim=-1, out=block)
+    return pattern
+
+
 def positions_from_mask(mask2d: Tensor | None, n_q: int, n_past: int, device: Any) -> Tensor:
     """Rotary positions `[batch, n_q]` of the newest `n_q` positions: counting real tokens of the
     mask (as `LlavaInputs.position_ids`), or `n_past..n_past+n_q-1` without a mask."""
@@ -197,9 +216,7 @@ class Attention(nn.Module):
             fits = torch.broadcast_shapes(scores.shape, mask.shape) == scores.shape
             scores = scores.add_(mask) if fits else scores + mask
         scores = self.hook_attn_scores(scores)
-        # fp32 softmax as HF does (fp64 stays fp64, where finfo(fp64).min would overflow fp32)
-        softmax_dtype = torch.promote_types(q.dtype, torch.float32)
-        pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype))
+        pattern = self.hook_pattern(softmax_fp32(scores))
         return torch.matmul(pattern, vh).transpose(1, 2)
 
     def _project_out(self, z: Float[Tensor, "batch pos n_heads d_head"]) -> Float[Tensor, "batch pos d_model"]:

@@ -122,3 +122,20 @@ def test_padding_does_not_change_a_prompts_logits(tiny, images):
         batch = model(model.prepare(images=images, prompts=PROMPTS, padding_side="left"))
         alone = model(model.prepare(images=images[1:], prompts=PROMPTS[1:]))
     torch.testing.assert_close(batch[1, -alone.shape[1] :], alone[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("block", [1, 7, 1 << 20])
+def test_blockwise_pattern_softmax_equals_hf_eager_softmax_exactly(dtype, block, monkeypatch):
+    """The pattern is HF eager's `softmax(scores, dtype=fp32).to(dtype)`, bit for bit, however the rows are blocked."""
+    from hooked_llava import attention
+
+    monkeypatch.setattr(attention, "SOFTMAX_BLOCK", block)
+    scores = (torch.randn(2, 3, 5, 11) * 4).to(dtype)
+    scores[..., 6:] = torch.finfo(dtype).min  # masked keys, as the additive mask leaves them
+    strided = scores.transpose(1, 2)  # a hook may hand on a non-contiguous tensor
+    for x in (scores, strided):
+        expected = torch.nn.functional.softmax(x, dim=-1, dtype=torch.float32).to(dtype)
+        got = attention.softmax_fp32(x)
+        assert got.dtype == dtype and got.shape == x.shape
+        assert torch.equal(got, expected)
