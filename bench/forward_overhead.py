@@ -8,12 +8,17 @@ tables give median CPU and wall seconds and the median [min–max] of the per-ro
 
     python bench/forward_overhead.py [--configs tiny,17M,real] [--dtype bf16] [--rounds 15] [--real-rounds 5]
     python bench/forward_overhead.py --sweep 1,2,3,4,5 --dtype bf16 --real-rounds 3   # images, real width
+    python bench/forward_overhead.py --configs real --dtype bf16 --real-rounds 100 --targets-only --save t.json
+
+`--targets-only` times just the four calls of issue #18's targets (HF eager, HF SDPA, forward, default
+cache), so more rounds fit; `--save` writes every call's CPU and wall seconds, for a second look.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import warnings
 
@@ -34,15 +39,43 @@ def run_config(name: str, args: argparse.Namespace) -> None:
     )
     inputs = h.make_inputs(models, n_images=1, batch=1 if real else 4)
     rounds = args.real_rounds if real else args.rounds
-    timings = h.interleaved(h.variants(models, inputs), rounds)
+    timings = h.interleaved(h.variants(models, inputs, extra=not args.targets_only), rounds)
+    save(args, f"{name} {args.dtype} 1 image", timings)
     batch, pos = inputs.input_ids.shape
     print(
         f"\n== {name}: {models.n_params / 1e6:.1f}M parameters, {args.dtype}, batch {batch} × {pos} positions, "
         f"{rounds} rounds, {torch.get_num_threads()} thread(s) =="
     )
     h.print_table(timings)
+    if real:
+        print_acceptance(timings, cache_target=1.10)
     for baseline in models.hf_baselines().values():  # the acceptance check, at run time as well
         assert not h.foreign_modules(baseline), h.foreign_modules(baseline)[:3]
+
+
+FORWARD_TARGET = 1.05  # hook-free forward, × HF SDPA (issue #18)
+
+
+def print_acceptance(t: h.Timings, cache_target: float) -> None:
+    """Issue #18's speed targets against the per-round CPU-time ratios, with a CI of their median."""
+    print(f"  targets (CPU-time ratio per round; median [CI]), {t.rounds} rounds:")
+    print(f"    forward × HF sdpa:        {h.verdict(t.ratios('HookedLlava forward', 'HF sdpa'), FORWARD_TARGET)}")
+    cache = t.ratios("HookedLlava run_with_cache (default)", "HF eager")
+    print(f"    default cache × HF eager: {h.verdict(cache, cache_target)}", flush=True)
+
+
+def save(args: argparse.Namespace, key: str, t: h.Timings) -> None:
+    """Add one run's per-call CPU and wall seconds to the `--save` JSON file (if given)."""
+    if not args.save:
+        return
+    try:
+        with open(args.save) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        data = {}
+    data[key] = {"cpu": t.cpu, "wall": t.wall, "orders": t.orders, "machine": h.machine()}
+    with open(args.save, "w") as f:
+        json.dump(data, f)
 
 
 def run_sweep(images: list[int], args: argparse.Namespace) -> None:
@@ -67,6 +100,8 @@ def run_sweep(images: list[int], args: argparse.Namespace) -> None:
             f"  {med['HF eager']:8.2f}  {med['HF sdpa']:8.2f}",
             flush=True,
         )
+        print_acceptance(t, cache_target=1.10 if n == 1 else 1.15)
+        save(args, f"real {args.dtype} {n} images", t)
         gc.collect()
 
 
@@ -80,6 +115,8 @@ def main() -> None:
     parser.add_argument("--lm-layers", type=int, default=2, help="language-model layers at real width")
     parser.add_argument("--vision-layers", type=int, default=2, help="CLIP layers at real width (computed: up to -2)")
     parser.add_argument("--no-bridge", action="store_true", help="leave out TransformerBridge")
+    parser.add_argument("--targets-only", action="store_true", help="time only HF eager/SDPA, forward, default cache")
+    parser.add_argument("--save", default="", help="JSON file for every call's CPU and wall seconds")
     parser.add_argument("--sweep", default="", help="image counts for the real-width sweep, e.g. 1,2,3,4,5")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

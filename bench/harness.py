@@ -9,6 +9,7 @@ round, recording CPU time (`time.process_time`) and wall time of every call.
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import tempfile
@@ -217,6 +218,26 @@ def interleaved(runs: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1
                 out.wall[name].append(time.perf_counter() - wall)
                 del result
     return out
+
+
+def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """A distribution-free confidence interval of the median: the order statistics `x_(j)` and
+    `x_(n+1-j)` for the largest `j` whose coverage `P(j <= Binomial(n, 1/2) <= n-j)` is at least
+    `level`. Returns `(low, high, coverage)`; with too few values for `level` it is `(min, max)` and
+    the smaller coverage that has."""
+    x, n = sorted(values), len(values)
+    coverage = lambda j: sum(math.comb(n, i) for i in range(j, n - j + 1)) / 2**n  # noqa: E731
+    j = 1
+    while j + 1 <= (n + 1) // 2 and coverage(j + 1) >= level:
+        j += 1
+    return x[j - 1], x[n - j], coverage(j)
+
+
+def verdict(values: list[float], target: float, level: float = 0.95) -> str:
+    """"median [CI] ≤ target: met / not met / not settled" for per-round ratios against a target."""
+    low, high, cov = median_ci(values, level)
+    word = "met" if high <= target else "not met" if low > target else "not settled (the interval spans it)"
+    return f"{statistics.median(values):.3f} [{low:.3f}–{high:.3f}, {cov:.0%} CI of the median] ≤ {target:.2f}: {word}"
 
 
 def fmt_ratio(stats: tuple[float, float, float]) -> str:

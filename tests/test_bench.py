@@ -187,3 +187,17 @@ def test_gpu_script_switches_one_hf_model_between_eager_and_sdpa():
 def test_gpu_script_fails_fast_without_cuda():
     with pytest.raises(SystemExit, match="needs a CUDA GPU.*--device cpu --tiny"):
         gpu_7b.main([])
+
+
+def test_median_ci_is_the_binomial_order_statistic_interval():
+    values = [float(v) for v in range(1, 21)]  # n = 20: x_(6), x_(15) cover 95.9 %
+    low, high, cov = h.median_ci(values)
+    assert (low, high) == (6.0, 15.0)
+    assert cov == pytest.approx(0.9586, abs=1e-4)
+    assert h.median_ci([1.0, 2.0, 3.0]) == (1.0, 3.0, 0.75)  # too few rounds for 95 %: min–max, said
+
+
+def test_verdict_needs_the_whole_interval_below_the_target():
+    assert h.verdict([1.0] * 20, 1.10).endswith(": met")
+    assert h.verdict([1.2] * 20, 1.10).endswith(": not met")
+    assert "not settled" in h.verdict([1.0, 1.2] * 10, 1.10)
