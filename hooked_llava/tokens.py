@@ -78,7 +78,8 @@ class TokensMixin:
         bos = getattr(self.cfg, "default_prepend_bos", True) if prepend_bos is None else prepend_bos
         if bos and tok.bos_token_id is not None:  # tokenizers without BOS (e.g. Qwen2) get none, as in TL
             rows = [[tok.bos_token_id, *row] for row in rows]
-        rows = [row[: self.cfg.n_ctx] for row in rows] if truncate else rows
+        if truncate:
+            rows = [self._truncated(row, image_token) for row in rows]
         width = max(len(row) for row in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -86,6 +87,19 @@ class TokensMixin:
             cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
             ids[i, cols], mask[i, cols] = torch.tensor(row, dtype=torch.long), 1
         return ids, mask
+
+    def _truncated(self, row: list[int], image_token: str) -> list[int]:
+        """The first `cfg.n_ctx` ids of `row`; an error if that would cut image placeholders, which
+        would leave an image with fewer positions than it has patches."""
+        n_ctx = self.cfg.n_ctx
+        image_id = self.tokenizer.convert_tokens_to_ids(image_token)
+        if len(row) > n_ctx and image_id in row[n_ctx:]:
+            raise ValueError(
+                f"truncating this text to n_ctx = {n_ctx} tokens would cut an image's placeholder tokens "
+                f"(the text has {len(row)} tokens with its images expanded). Shorten the text, use fewer "
+                "images, or pass truncate=False."
+            )
+        return row[:n_ctx]
 
     @property
     def pad_token_id(self) -> int:

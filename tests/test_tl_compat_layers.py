@@ -169,6 +169,18 @@ def test_to_tokens_device_and_truncation(model):
     assert model.to_tokens(long, truncate=False).shape == (1, 301), "not truncated"
 
 
+def test_truncation_never_cuts_an_image_placeholder_block(tiny):
+    model = tiny[0]
+    image, n_ctx, n_image = model.processor.image_token, model.cfg.n_ctx, model.vision.cfg.n_image_tokens
+    image_id = model.tokenizer.convert_tokens_to_ids(image)
+    kept = model.to_tokens(image + " red" * n_ctx)  # the image fits, the text's end is cut
+    assert kept.shape == (1, n_ctx) and int((kept == image_id).sum()) == n_image
+    cut = "red " * (n_ctx - n_image // 2) + image  # the limit falls inside the image's placeholders
+    with pytest.raises(ValueError, match="cut an image's placeholder tokens"):
+        model.to_tokens(cut)
+    assert int((model.to_tokens(cut, truncate=False) == image_id).sum()) == n_image
+
+
 def test_to_tokens_padding_sides(model):
     short, longer = "red circle", "red circle and blue square"
     s, lg = model.to_tokens(short, prepend_bos=False)[0], model.to_tokens(longer, prepend_bos=False)[0]
