@@ -59,7 +59,7 @@ def test_packed_branches_equal_single_prompts():
 def test_object_phrases_name_every_object_once():
     """Stage 1's region term contrasts each object with all 108 phrases; each object matches exactly one."""
     from hooked_llava.shapes.data import encode
-    from hooked_llava.shapes.train import object_phrases
+    from hooked_llava.shapes.stages import object_phrases
     from hooked_llava.shapes.world import describe_object
 
     phrases = object_phrases()
