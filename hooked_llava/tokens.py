@@ -79,7 +79,8 @@ class TokensMixin:
         if bos and tok.bos_token_id is not None:  # tokenizers without BOS (e.g. Qwen2) get none, as in TL
             rows = [[tok.bos_token_id, *row] for row in rows]
         if truncate:
-            rows = [self._truncated(row, image_token) for row in rows]
+            image_id = tok.get_vocab().get(image_token) if self.vision is not None else None
+            rows = [self._truncated(row, image_id) for row in rows]
         width = max(len(row) for row in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -88,12 +89,11 @@ class TokensMixin:
             ids[i, cols], mask[i, cols] = torch.tensor(row, dtype=torch.long), 1
         return ids, mask
 
-    def _truncated(self, row: list[int], image_token: str) -> list[int]:
+    def _truncated(self, row: list[int], image_id: int | None) -> list[int]:
         """The first `cfg.n_ctx` ids of `row`; an error if that would cut image placeholders, which
         would leave an image with fewer positions than it has patches."""
         n_ctx = self.cfg.n_ctx
-        image_id = self.tokenizer.convert_tokens_to_ids(image_token)
-        if len(row) > n_ctx and image_id in row[n_ctx:]:
+        if len(row) > n_ctx and image_id is not None and image_id in row[n_ctx:]:
             raise ValueError(
                 f"truncating this text to n_ctx = {n_ctx} tokens would cut an image's placeholder tokens "
                 f"(the text has {len(row)} tokens with its images expanded). Shorten the text, use fewer "
