@@ -234,7 +234,7 @@ def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float, f
 
 
 def verdict(values: list[float], target: float, level: float = 0.95) -> str:
-    """"median [CI] ≤ target: met / not met / not settled" for per-round ratios against a target."""
+    """The median and CI of per-round ratios against a target, and whether it is met, not met or not settled."""
     low, high, cov = median_ci(values, level)
     word = "met" if high <= target else "not met" if low > target else "not settled (the interval spans it)"
     return f"{statistics.median(values):.3f} [{low:.3f}–{high:.3f}, {cov:.0%} CI of the median] ≤ {target:.2f}: {word}"

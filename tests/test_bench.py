@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import cache_memory as cm  # noqa: E402
 import gpu_7b  # noqa: E402
 import harness as h  # noqa: E402
+import softmax_ab  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +202,13 @@ def test_verdict_needs_the_whole_interval_below_the_target():
     assert h.verdict([1.0] * 20, 1.10).endswith(": met")
     assert h.verdict([1.2] * 20, 1.10).endswith(": not met")
     assert "not settled" in h.verdict([1.0, 1.2] * 10, 1.10)
+
+
+def test_softmax_ab_times_both_softmaxes_and_restores_the_blockwise_one(capsys):
+    from hooked_llava import attention
+
+    blockwise = attention.softmax_fp32
+    softmax_ab.main(["--config", "tiny", "--rounds", "2"])
+    out = capsys.readouterr().out
+    assert "blockwise softmax" in out and "HF-style softmax" in out and "blockwise / HF-style:" in out
+    assert attention.softmax_fp32 is blockwise
