@@ -28,6 +28,11 @@ import torch
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+FORWARD_TARGET = 1.05  # hook-free forward, × HF SDPA (issue #18)
+# The targets' comparisons, each called back to back in every round.
+PAIRS = [("HF eager", "HookedLlava run_with_cache (default)"), ("HF sdpa", "HookedLlava forward")]
+
+
 def run_config(name: str, args: argparse.Namespace) -> None:
     real = name == "real"
     models = h.build_models(
@@ -39,7 +44,7 @@ def run_config(name: str, args: argparse.Namespace) -> None:
     )
     inputs = h.make_inputs(models, n_images=1, batch=1 if real else 4)
     rounds = args.real_rounds if real else args.rounds
-    timings = h.interleaved(h.variants(models, inputs, extra=not args.targets_only), rounds)
+    timings = h.interleaved(h.variants(models, inputs, extra=not args.targets_only), rounds, pairs=PAIRS)
     save(args, f"{name} {args.dtype} 1 image", timings)
     batch, pos = inputs.input_ids.shape
     print(
@@ -51,9 +56,6 @@ def run_config(name: str, args: argparse.Namespace) -> None:
         print_acceptance(timings, cache_target=1.10)
     for baseline in models.hf_baselines().values():  # the acceptance check, at run time as well
         assert not h.foreign_modules(baseline), h.foreign_modules(baseline)[:3]
-
-
-FORWARD_TARGET = 1.05  # hook-free forward, × HF SDPA (issue #18)
 
 
 def print_acceptance(t: h.Timings, cache_target: float) -> None:
@@ -90,7 +92,7 @@ def run_sweep(images: list[int], args: argparse.Namespace) -> None:
     )
     for n in images:
         inputs = h.make_inputs(models, n_images=n)
-        t = h.interleaved(h.variants(models, inputs, extra=False), args.real_rounds)
+        t = h.interleaved(h.variants(models, inputs, extra=False), args.real_rounds, pairs=PAIRS)
         fwd = h.fmt_ratio(t.summary("HookedLlava forward", "HF sdpa"))
         cache = h.fmt_ratio(t.summary("HookedLlava run_with_cache (default)", "HF eager"))
         cache_sdpa = h.fmt_ratio(t.summary("HookedLlava run_with_cache (default)", "HF sdpa"))

@@ -212,3 +212,19 @@ def test_softmax_ab_times_both_softmaxes_and_restores_the_blockwise_one(capsys):
     out = capsys.readouterr().out
     assert "blockwise softmax" in out and "HF-style softmax" in out and "blockwise / HF-style:" in out
     assert attention.softmax_fp32 is blockwise
+
+
+def test_paired_rounds_call_each_compared_pair_back_to_back_in_both_orders():
+    names = ["e", "s", "f", "c", "x", "y"]
+    pairs = [("e", "c"), ("s", "f")]
+    orders = [h.paired(names, pairs, r) for r in range(4)]
+    assert orders == [
+        ["e", "c", "s", "f", "x", "y"],
+        ["s", "f", "e", "c", "y", "x"],
+        ["c", "e", "f", "s", "x", "y"],
+        ["f", "s", "c", "e", "y", "x"],
+    ]
+    calls = []
+    runs = {n: (lambda n=n: calls.append(n)) for n in names}
+    t = h.interleaved(runs, rounds=4, warmup=0, pairs=pairs)
+    assert t.orders == orders and calls == [n for o in orders for n in o]
