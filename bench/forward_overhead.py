@@ -11,7 +11,9 @@ tables give median CPU and wall seconds and the median [min–max] of the per-ro
     python bench/forward_overhead.py --configs real --dtype bf16 --real-rounds 100 --targets-only --save t.json
 
 `--targets-only` times just the four calls of issue #18's targets (HF eager, HF SDPA, forward, default
-cache), so more rounds fit; `--save` writes every call's CPU and wall seconds, for a second look.
+cache), so more rounds fit; `--save` writes every call's CPU and wall seconds, for a second look;
+`--cold` returns freed heap memory to the OS before every call, so that each call pays the page faults
+of everything it allocates (by default a call reuses what the one before it freed, as in a loop).
 """
 
 from __future__ import annotations
@@ -44,12 +46,13 @@ def run_config(name: str, args: argparse.Namespace) -> None:
     )
     inputs = h.make_inputs(models, n_images=1, batch=1 if real else 4)
     rounds = args.real_rounds if real else args.rounds
-    timings = h.interleaved(h.variants(models, inputs, extra=not args.targets_only), rounds, pairs=PAIRS)
-    save(args, f"{name} {args.dtype} 1 image", timings)
+    runs = h.variants(models, inputs, extra=not args.targets_only)
+    timings = h.interleaved(runs, rounds, pairs=PAIRS, cold=args.cold)
+    save(args, f"{name} {args.dtype} 1 image{' cold' if args.cold else ''}", timings)
     batch, pos = inputs.input_ids.shape
     print(
         f"\n== {name}: {models.n_params / 1e6:.1f}M parameters, {args.dtype}, batch {batch} × {pos} positions, "
-        f"{rounds} rounds, {torch.get_num_threads()} thread(s) =="
+        f"{rounds} rounds, {torch.get_num_threads()} thread(s){', cold allocator' if args.cold else ''} =="
     )
     h.print_table(timings)
     if real:
@@ -92,7 +95,7 @@ def run_sweep(images: list[int], args: argparse.Namespace) -> None:
     )
     for n in images:
         inputs = h.make_inputs(models, n_images=n)
-        t = h.interleaved(h.variants(models, inputs, extra=False), args.real_rounds, pairs=PAIRS)
+        t = h.interleaved(h.variants(models, inputs, extra=False), args.real_rounds, pairs=PAIRS, cold=args.cold)
         fwd = h.fmt_ratio(t.summary("HookedLlava forward", "HF sdpa"))
         cache = h.fmt_ratio(t.summary("HookedLlava run_with_cache (default)", "HF eager"))
         cache_sdpa = h.fmt_ratio(t.summary("HookedLlava run_with_cache (default)", "HF sdpa"))
@@ -103,7 +106,7 @@ def run_sweep(images: list[int], args: argparse.Namespace) -> None:
             flush=True,
         )
         print_acceptance(t, cache_target=1.10 if n == 1 else 1.15)
-        save(args, f"real {args.dtype} {n} images", t)
+        save(args, f"real {args.dtype} {n} images{' cold' if args.cold else ''}", t)
         gc.collect()
 
 
@@ -118,6 +121,7 @@ def main() -> None:
     parser.add_argument("--vision-layers", type=int, default=2, help="CLIP layers at real width (computed: up to -2)")
     parser.add_argument("--no-bridge", action="store_true", help="leave out TransformerBridge")
     parser.add_argument("--targets-only", action="store_true", help="time only HF eager/SDPA, forward, default cache")
+    parser.add_argument("--cold", action="store_true", help="return freed heap memory to the OS before every call")
     parser.add_argument("--save", default="", help="JSON file for every call's CPU and wall seconds")
     parser.add_argument("--sweep", default="", help="image counts for the real-width sweep, e.g. 1,2,3,4,5")
     args = parser.parse_args()

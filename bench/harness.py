@@ -207,14 +207,31 @@ def paired(names: list[str], pairs: list[tuple[str, str]], round_index: int) -> 
     return order + rotated(rest, round_index) if rest else order
 
 
+def release_free_memory() -> None:
+    """Give the C heap's free memory back to the OS (glibc `malloc_trim(0)`), so that the next call
+    touches fresh pages for everything it allocates, whatever the call before it freed."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def interleaved(
-    runs: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1, pairs: list[tuple[str, str]] = ()
+    runs: dict[str, Callable[[], Any]],
+    rounds: int,
+    warmup: int = 1,
+    pairs: list[tuple[str, str]] = (),
+    cold: bool = False,
 ) -> Timings:
     """Call every variant once per round, starting each round at the next variant, or with `pairs`
     each compared pair back to back (see `paired`).
 
     Results are dropped right after each call so that one variant's cache never holds memory
-    while another runs.
+    while another runs. By default a call may reuse heap memory that the call before it freed (the
+    steady state of a loop of calls); `cold=True` returns it to the OS before every call
+    (`release_free_memory`, untimed), so each call pays the page faults of all it allocates.
     """
     names = list(runs)
     out = Timings({n: [] for n in names}, {n: [] for n in names})
@@ -226,6 +243,8 @@ def interleaved(
             order = paired(names, list(pairs), r) if pairs else rotated(names, r)
             out.orders.append(order)
             for name in order:
+                if cold:
+                    release_free_memory()
                 cpu, wall = time.process_time(), time.perf_counter()
                 result = runs[name]()
                 out.cpu[name].append(time.process_time() - cpu)

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import cache_memory as cm  # noqa: E402
 import gpu_7b  # noqa: E402
 import harness as h  # noqa: E402
+import op_diff  # noqa: E402
 import softmax_ab  # noqa: E402
 
 
@@ -228,3 +229,32 @@ def test_paired_rounds_call_each_compared_pair_back_to_back_in_both_orders():
     runs = {n: (lambda n=n: calls.append(n)) for n in names}
     t = h.interleaved(runs, rounds=4, warmup=0, pairs=pairs)
     assert t.orders == orders and calls == [n for o in orders for n in o]
+
+
+def test_op_diff_counts_the_calls_flops_and_bytes_of_both_forwards(capsys):
+    diff = op_diff.main(["--config", "tiny", "--images", "1", "--dtype", "fp32"])
+    out = capsys.readouterr().out
+    assert "aten calls:" in out and "FLOPs:" in out and "GiB read+written" in out
+    assert (diff.hf_sdpa_calls != diff.hooked_calls).all()  # only the op kinds whose counts differ
+    flash = diff[diff.op.str.contains("scaled_dot_product")]
+    # the tiny model has 2 LM and 2 CLIP layers; ours stops at the feature layer -2, so runs one fewer
+    assert flash.hf_sdpa_calls.sum() - flash.hooked_calls.sum() == 1
+
+
+def test_op_log_counts_bytes_of_real_ops_and_none_for_views():
+    log = op_diff.OpLog()
+    x = torch.ones(4, 8)
+    with log:
+        x.view(8, 4)
+        x + 1.0
+    assert sum(log.calls.values()) == 2
+    assert sum(log.bytes.values()) == 2 * 4 * 8 * 4  # the add reads x and writes a new tensor; the view moves nothing
+
+
+def test_cold_rounds_release_free_memory_before_every_call(monkeypatch):
+    calls = []
+    monkeypatch.setattr(h, "release_free_memory", lambda: calls.append("trim"))
+    runs = {n: (lambda n=n: calls.append(n)) for n in "ab"}
+    h.interleaved(runs, rounds=2, warmup=1, cold=True)
+    assert calls == ["a", "b", "trim", "a", "trim", "b", "trim", "b", "trim", "a"]
+    h.release_free_memory()  # the real one runs (glibc) or does nothing, never raises
