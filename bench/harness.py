@@ -4,7 +4,9 @@ Builds the models that are compared side by side so that every baseline is prist
 eager and HF SDPA models and the TransformerBridge's own HF model are separate objects (weights
 copied, never modules shared), and nothing but the bridge itself ever touches the bridge's model.
 Times variants interleaved round by round in one process with the starting variant rotated each
-round, recording CPU time (`time.process_time`) and wall time of every call.
+round (or each compared pair back to back, in alternating order), recording CPU time
+(`time.process_time`) and wall time of every call; `median_ci` and `verdict` judge a target from the
+per-round ratios.
 """
 
 from __future__ import annotations
