@@ -24,6 +24,38 @@ SHORT_PROMPTS = [
 ]
 
 
+# Texts for the TransformerLens tokenizer and generate tests: a long and a short one.
+TEXTS = ["USER: What is the color of the circle?", "USER: Is it?"]
+
+
+def ids_by_hand(model, text, bos=True):
+    """Independent tokenisation: the tokenizer without special tokens, BOS put in by hand."""
+    tok = model.tokenizer
+    return ([tok.bos_token_id] if bos else []) + tok(text, add_special_tokens=False)["input_ids"]
+
+
+def weights_folder(saved, path, files, index=None):
+    """`path` with `saved`'s config.json and the given safetensors files (name -> tensors), and the
+    index `index` (key -> file name) if given: checkpoint folders for the loading tests."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(saved / "config.json", path / "config.json")
+    for name, tensors in files.items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path / name)
+    if index is not None:
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    return path
+
+
+def logits_of(model, batch):
+    with torch.no_grad():
+        return model(batch)
+
+
 def assert_no_hooks(model):
     """No hook point of `model` holds a forward or backward hook: a pure analysis leaves none behind."""
     for name, hp in model.hook_dict.items():
@@ -95,6 +127,14 @@ def batch(tiny, images):
     """Two prompts of different lengths with two different images (left padded)."""
     model, _ = tiny
     return model.prepare(images=images, prompts=PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def state(saved):
+    """The saved tiny checkpoint's tensors, by name."""
+    from hooked_llava.loading import read_checkpoint
+
+    return dict(read_checkpoint(saved))
 
 
 @pytest.fixture(scope="module")

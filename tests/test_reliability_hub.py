@@ -5,7 +5,6 @@ a local folder; downloads take only what loading needs.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -14,34 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from conftest import logits_of, weights_folder
 
 from hooked_llava import CheckpointError, HookedLlava
 from hooked_llava import resolve as resolve_module
-from hooked_llava.loading import read_checkpoint
 from hooked_llava.resolve import HUB_TIMEOUT_S, _within, hub_timeout, resolve
-
-
-@pytest.fixture(scope="module")
-def state(saved):
-    return dict(read_checkpoint(saved))
-
-
-def _folder(saved: Path, path: Path, files: dict[str, dict[str, torch.Tensor]], index: dict | None = None) -> Path:
-    """`path` with the saved config.json and the given weight files (name -> tensors)."""
-    path.mkdir(parents=True, exist_ok=True)
-    shutil.copy(saved / "config.json", path / "config.json")
-    for name, tensors in files.items():
-        save_file({k: v.contiguous() for k, v in tensors.items()}, path / name)
-    if index is not None:
-        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    return path
-
-
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(batch)
-
 
 # --- item 3: the hub, local-looking paths, FIFOs -------------------------------------------------
 
@@ -142,7 +118,7 @@ def test_a_local_folder_wins_over_the_shipped_model_of_the_same_name(tiny, saved
     with pytest.warns(UserWarning, match="local folder .*shapes-llava, not the shipped model"):
         loaded = HookedLlava.from_pretrained("shapes-llava")
     assert loaded.cfg.d_model == model.cfg.d_model
-    assert torch.equal(_logits(loaded, batch), _logits(model, batch))
+    assert torch.equal(logits_of(loaded, batch), logits_of(model, batch))
 
 
 def test_a_local_folder_without_config_says_the_shipped_model_was_not_used(monkeypatch, tmp_path):
@@ -154,7 +130,7 @@ def test_a_local_folder_without_config_says_the_shipped_model_was_not_used(monke
 
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json"])
 def test_a_fifo_is_refused_instead_of_blocking(name, saved, state, tmp_path):
-    path = _folder(saved, tmp_path / "m", {"model.safetensors": state} if name != "model.safetensors" else {})
+    path = weights_folder(saved, tmp_path / "m", {"model.safetensors": state} if name != "model.safetensors" else {})
     if name == "tokenizer.json":
         (path / "tokenizer_config.json").write_text((saved / "tokenizer_config.json").read_text())
     (path / name).unlink(missing_ok=True)

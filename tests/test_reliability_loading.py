@@ -9,38 +9,16 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import logits_of, weights_folder
 from safetensors.torch import save_file
 
 from hooked_llava import CheckpointError, HookedLlava
 from hooked_llava.config import InvalidConfigError
-from hooked_llava.loading import read_checkpoint
 
 HEAD = "language_model.lm_head.weight"
-
-
-@pytest.fixture(scope="module")
-def state(saved):
-    return dict(read_checkpoint(saved))
-
-
-def _folder(saved: Path, path: Path, files: dict[str, dict[str, torch.Tensor]], index: dict | None = None) -> Path:
-    """`path` with the saved config.json and the given weight files (name -> tensors)."""
-    path.mkdir(parents=True, exist_ok=True)
-    shutil.copy(saved / "config.json", path / "config.json")
-    for name, tensors in files.items():
-        save_file({k: v.contiguous() for k, v in tensors.items()}, path / name)
-    if index is not None:
-        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    return path
-
-
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(batch)
 
 
 # --- item 7: which weight files are read ---------------------------------------------------------
@@ -49,11 +27,11 @@ def _logits(model, batch):
 def test_a_stray_weight_file_beside_model_safetensors_is_ignored_with_a_warning(tiny, saved, state, tmp_path, batch):
     model, _ = tiny
     stray = {HEAD: torch.zeros_like(state[HEAD])}  # before the fix this silently replaced lm_head
-    path = _folder(saved, tmp_path, {"model.safetensors": state, "model_v2.safetensors": stray})
+    path = weights_folder(saved, tmp_path, {"model.safetensors": state, "model_v2.safetensors": stray})
     with pytest.warns(UserWarning, match="ignoring model_v2.safetensors"):
         loaded = HookedLlava.from_pretrained(path, processor=model.processor)
     assert torch.equal(loaded.W_U, model.W_U)
-    assert torch.equal(_logits(loaded, batch), _logits(model, batch))
+    assert torch.equal(logits_of(loaded, batch), logits_of(model, batch))
 
 
 def _halves(state):
@@ -64,21 +42,21 @@ def _halves(state):
 def test_a_single_file_and_shards_without_an_index_are_ambiguous(saved, state, tmp_path):
     first, second = _halves(state)
     files = {"model.safetensors": state, "model-00001-of-00002.safetensors": first}
-    path = _folder(saved, tmp_path, {**files, "model-00002-of-00002.safetensors": second})
+    path = weights_folder(saved, tmp_path, {**files, "model-00002-of-00002.safetensors": second})
     with pytest.raises(CheckpointError, match="more than one set of weights.*model.safetensors"):
         HookedLlava.from_pretrained(path)
 
 
 def test_several_unconventional_weight_files_without_an_index_are_ambiguous(saved, state, tmp_path):
     first, second = _halves(state)
-    path = _folder(saved, tmp_path, {"weights_a.safetensors": first, "weights_b.safetensors": second})
+    path = weights_folder(saved, tmp_path, {"weights_a.safetensors": first, "weights_b.safetensors": second})
     with pytest.raises(CheckpointError, match="several .safetensors files.*ambiguous"):
         HookedLlava.from_pretrained(path)
 
 
 def test_a_missing_shard_is_an_error_that_names_it(saved, state, tmp_path):
     first, _ = _halves(state)
-    path = _folder(saved, tmp_path, {"model-00001-of-00002.safetensors": first})
+    path = weights_folder(saved, tmp_path, {"model-00001-of-00002.safetensors": first})
     with pytest.raises(CheckpointError, match=r"lacks shard\(s\) \[2\]"):
         HookedLlava.from_pretrained(path)
 
@@ -87,15 +65,15 @@ def test_complete_shards_without_an_index_load(tiny, saved, state, tmp_path, bat
     model, _ = tiny
     first, second = _halves(state)
     files = {"model-00001-of-00002.safetensors": first, "model-00002-of-00002.safetensors": second}
-    loaded = HookedLlava.from_pretrained(_folder(saved, tmp_path, files), processor=model.processor)
-    assert torch.equal(_logits(loaded, batch), _logits(model, batch))
+    loaded = HookedLlava.from_pretrained(weights_folder(saved, tmp_path, files), processor=model.processor)
+    assert torch.equal(logits_of(loaded, batch), logits_of(model, batch))
 
 
 def test_a_key_in_two_shards_is_an_error_naming_the_key_and_both_files(saved, state, tmp_path):
     first, second = _halves(state)
     second = {**second, HEAD: torch.zeros_like(state[HEAD])} if HEAD in first else {**first, HEAD: state[HEAD]}
     files = {"model-00001-of-00002.safetensors": first, "model-00002-of-00002.safetensors": second}
-    path = _folder(saved, tmp_path, files)
+    path = weights_folder(saved, tmp_path, files)
     with pytest.raises(CheckpointError, match=f"'{HEAD}' is in both model-00001-of-00002.safetensors and model-00002"):
         HookedLlava.from_pretrained(path)
 
@@ -104,7 +82,9 @@ def test_a_key_in_two_indexed_shards_is_an_error(saved, state, tmp_path):
     first, second = _halves(state)
     index = {k: "a.safetensors" for k in first} | {k: "b.safetensors" for k in second}
     extra = next(iter(second))
-    path = _folder(saved, tmp_path, {"a.safetensors": {**first, extra: state[extra]}, "b.safetensors": second}, index)
+    path = weights_folder(
+        saved, tmp_path, {"a.safetensors": {**first, extra: state[extra]}, "b.safetensors": second}, index
+    )
     with pytest.raises(CheckpointError, match=f"'{extra}' is in both a.safetensors and b.safetensors"):
         HookedLlava.from_pretrained(path)
 
@@ -114,7 +94,7 @@ def test_a_key_in_two_indexed_shards_is_an_error(saved, state, tmp_path):
 )
 def test_index_entries_outside_the_folder_are_refused(target, saved, state, tmp_path):
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "outside.safetensors")
-    path = _folder(saved, tmp_path / "model", {}, {k: target for k in state})
+    path = weights_folder(saved, tmp_path / "model", {}, {k: target for k in state})
     with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
         HookedLlava.from_pretrained(path)
 
@@ -123,7 +103,7 @@ def test_an_index_that_misplaces_a_key_is_an_error(saved, state, tmp_path):
     first, second = _halves(state)
     moved = next(iter(second))
     index = {k: "a.safetensors" for k in first} | {k: "b.safetensors" for k in second} | {moved: "a.safetensors"}
-    path = _folder(saved, tmp_path, {"a.safetensors": first, "b.safetensors": second}, index)
+    path = weights_folder(saved, tmp_path, {"a.safetensors": first, "b.safetensors": second}, index)
     with pytest.raises(CheckpointError, match=f"places '{moved}' in a.safetensors, but it is in b.safetensors"):
         HookedLlava.from_pretrained(path)
 
@@ -149,11 +129,11 @@ def test_processor_files_that_parse_but_do_not_load_are_an_error(tiny, saved, tm
 
 
 def test_a_folder_without_processor_files_loads_with_no_processor(saved, state, tmp_path):
-    assert HookedLlava.from_pretrained(_folder(saved, tmp_path, {"model.safetensors": state})).processor is None
+    assert HookedLlava.from_pretrained(weights_folder(saved, tmp_path, {"model.safetensors": state})).processor is None
 
 
 def test_a_malformed_config_is_an_error_naming_it(saved, state, tmp_path):
-    path = _folder(saved, tmp_path, {"model.safetensors": state})
+    path = weights_folder(saved, tmp_path, {"model.safetensors": state})
     (path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
         HookedLlava.from_pretrained(path)
@@ -167,7 +147,7 @@ def test_non_finite_weights_are_an_error_naming_the_tensor(value, saved, state, 
     key = "language_model.model.layers.1.mlp.up_proj.weight"
     bad = state[key].clone()
     bad[0, 3] = value
-    path = _folder(saved, tmp_path, {"model.safetensors": {**state, key: bad}})
+    path = weights_folder(saved, tmp_path, {"model.safetensors": {**state, key: bad}})
     with pytest.raises(CheckpointError, match=r"layers\.1\.mlp\.up_proj\.weight' has 1 non-finite value"):
         HookedLlava.from_pretrained(path)
 

@@ -6,17 +6,9 @@ import inspect
 
 import pytest
 import torch
-from conftest import PROMPTS
+from conftest import PROMPTS, TEXTS, ids_by_hand
 
 from hooked_llava.testing import random_images
-
-TEXTS = ["USER: What is the color of the circle?", "USER: Is it?"]
-
-
-def _ids(model, text, bos=True):
-    """Independent tokenisation: the tokenizer without special tokens, BOS put in by hand."""
-    tok = model.tokenizer
-    return ([tok.bos_token_id] if bos else []) + tok(text, add_special_tokens=False)["input_ids"]
 
 
 # --- generate ----------------------------------------------------------------------------------
@@ -35,7 +27,7 @@ def test_generate_returns_text_for_text_and_tokens_for_tokens(tiny):
     model, _ = tiny
     kw = dict(max_new_tokens=4, do_sample=False, stop_at_eos=False, verbose=False)
     tokens = model.generate(model.to_tokens(TEXTS[0]), **kw)
-    assert isinstance(tokens, torch.Tensor) and tokens.shape == (1, len(_ids(model, TEXTS[0])) + 4)
+    assert isinstance(tokens, torch.Tensor) and tokens.shape == (1, len(ids_by_hand(model, TEXTS[0])) + 4)
     text = model.generate(TEXTS[0], **kw)
     assert text == model.tokenizer.decode(tokens[0], skip_special_tokens=True)
     assert model.generate(model.to_tokens(TEXTS[0]), return_type="str", **kw) == text

@@ -9,7 +9,7 @@ from contextlib import redirect_stdout
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PROMPTS
+from conftest import PROMPTS, TEXTS, ids_by_hand
 
 from hooked_llava import HookedLlava
 from hooked_llava.inputs import LlavaInputs
@@ -20,19 +20,11 @@ try:  # TransformerLens 4 moved `utils` to `utilities`
 except ImportError:  # pragma: no cover - TransformerLens 3
     from transformer_lens.utils import test_prompt as tl_test_prompt
 
-TEXTS = ["USER: What is the color of the circle?", "USER: Is it?"]
-
-
-def _ids(model, text, bos=True):
-    """Independent tokenisation: the tokenizer without special tokens, BOS put in by hand."""
-    tok = model.tokenizer
-    return ([tok.bos_token_id] if bos else []) + tok(text, add_special_tokens=False)["input_ids"]
-
 
 # --- to_tokens, prepend_bos, padding_side -------------------------------------------------------
 def test_to_tokens_prepends_bos_by_default_and_pads_right(tiny):
     model, _ = tiny
-    a, b = _ids(model, TEXTS[0]), _ids(model, TEXTS[1])
+    a, b = ids_by_hand(model, TEXTS[0]), ids_by_hand(model, TEXTS[1])
     assert model.to_tokens(TEXTS[0]).tolist() == [a]
     assert model.to_tokens(TEXTS[0], prepend_bos=False).tolist() == [a[1:]]
     pad = model.tokenizer.pad_token_id
@@ -49,7 +41,7 @@ def test_to_tokens_without_a_pad_token_pads_with_eos_and_leaves_the_tokenizer_al
     assert tok.pad_token_id is None and tok.eos_token_id is not None
     monkeypatch.setattr(model, "processor", tok)
     ids = model.to_tokens(TEXTS)
-    short = len(_ids(model, TEXTS[1]))
+    short = len(ids_by_hand(model, TEXTS[1]))
     assert ids[1, short:].eq(tok.eos_token_id).all() and ids.shape[1] > short
     assert tok.pad_token_id is None
 
@@ -62,7 +54,7 @@ def test_forward_on_text_masks_the_padding_it_makes(tiny):
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(left, alone, atol=1e-5, rtol=1e-5)
     no_bos = model(TEXTS[1], prepend_bos=False)
-    torch.testing.assert_close(no_bos, model(torch.tensor([_ids(model, TEXTS[1], bos=False)])))
+    torch.testing.assert_close(no_bos, model(torch.tensor([ids_by_hand(model, TEXTS[1], bos=False)])))
 
 
 @pytest.mark.parametrize("name", ["shapes-lm", "shapes-llava"])
@@ -83,10 +75,12 @@ def test_transformer_lens_test_prompt_runs_and_reports_the_true_rank(name):
 # --- to_str_tokens -----------------------------------------------------------------------------
 def test_to_str_tokens_on_text_lists_and_tensors(tiny):
     model, _ = tiny
-    words = model.tokenizer.convert_ids_to_tokens(_ids(model, TEXTS[0]))  # word-level: decoding = the vocab entry
+    words = model.tokenizer.convert_ids_to_tokens(
+        ids_by_hand(model, TEXTS[0])
+    )  # word-level: decoding = the vocab entry
     assert model.to_str_tokens(TEXTS[0]) == words
     assert model.to_str_tokens(TEXTS[0], prepend_bos=False) == words[1:]
-    assert model.to_str_tokens(TEXTS) == [words, model.tokenizer.convert_ids_to_tokens(_ids(model, TEXTS[1]))]
+    assert model.to_str_tokens(TEXTS) == [words, model.tokenizer.convert_ids_to_tokens(ids_by_hand(model, TEXTS[1]))]
     ids = model.to_tokens(TEXTS)
     assert model.to_str_tokens(ids[0]) == model.to_str_tokens(ids[:1]) == words
     batch = model.to_str_tokens(ids)
@@ -131,7 +125,7 @@ def test_to_str_tokens_labels_cls_and_next_newlines():
 def test_get_token_position_first_last_and_bos_offset(tiny):
     model, _ = tiny
     text = "USER: the circle and the square"
-    ids = _ids(model, text)
+    ids = ids_by_hand(model, text)
     the = model.to_single_token("the")
     first, last = ids.index(the), len(ids) - 1 - ids[::-1].index(the)
     assert first != last
