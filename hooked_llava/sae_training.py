@@ -84,10 +84,14 @@ class ShapesActivations:
         acts = cache[self.hook_name]
         if acts.shape[:2] != inputs.input_ids.shape:  # vision hooks: every image patch
             return acts.reshape(-1, acts.shape[-1])
+        return acts[self.role_mask(inputs).to(acts.device)]
+
+    def role_mask(self, inputs: Any) -> Tensor:
+        """`[batch, pos]` mask of the positions kept: the union of the chosen roles."""
         mask = torch.zeros_like(inputs.attention_mask, dtype=torch.bool)
         for role in self.roles:
             mask |= inputs.mask(role)
-        return acts[mask.to(acts.device)]
+        return mask
 
     def batch(self, k: int) -> Float[Tensor, "batch d_in"]:
         """Batch `k`: `batch_size` vectors drawn without replacement from the examples of batch `k`."""

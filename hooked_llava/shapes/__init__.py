@@ -15,11 +15,12 @@ from .questions import CATEGORIES, TARGETS, Example, Question, ask, format_promp
 from .world import COLORS, SHAPES, Scene, ShapeObject, ShapesWorld
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
-CHECKPOINT_NAMES: tuple[str, ...] = ("shapes-llava", "shapes-lm", "shapes-llava-sae")
+CHECKPOINT_NAMES: tuple[str, ...] = ("shapes-llava", "shapes-lm", "shapes-llava-sae", "shapes-llava-transcoders")
 
 
 def checkpoint_path(name: str) -> Path:
-    """Directory of a shipped checkpoint: ``"shapes-llava"``, ``"shapes-lm"`` or the SAE ``"shapes-llava-sae"``.
+    """Directory of a shipped checkpoint: ``"shapes-llava"``, ``"shapes-lm"``, the SAE ``"shapes-llava-sae"``
+    or the transcoders ``"shapes-llava-transcoders"``.
 
     Raises:
         ValueError: If ``name`` is not a shipped checkpoint.

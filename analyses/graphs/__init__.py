@@ -1,0 +1,17 @@
+"""Attribution graphs through transcoders, from image patches to the answer (circuit-tracer's semantics).
+
+- `attribute` (attribute.py, on replacement.py): the graph of one prompt, a `Graph` (graph.py);
+- `node_influence`, `prune_graph`, `graph_scores` (influence.py);
+- `intervene` (intervene.py): the model's logits with chosen features set;
+- `feature_labels`, `label_graph` (labels.py): ground-truth labels of transcoder features on the Shapes world;
+- `to_circuit_tracer_json` (export.py): circuit-tracer's frontend files; `plot_graph` (plot.py): a static figure.
+
+This package uses only the model's public hooks and the transcoders' public methods.
+"""
+
+from .attribute import attribute
+from .graph import Graph
+from .influence import PruneResult, graph_scores, node_influence, prune_graph
+from .intervene import intervene
+
+__all__ = ["Graph", "PruneResult", "attribute", "graph_scores", "intervene", "node_influence", "prune_graph"]

@@ -1,0 +1,19 @@
+"""Per-layer transcoders (PLTs) for the language model's MLPs, beside the SAEs.
+
+A transcoder reads an MLP's input and predicts its output through a sparse, wide layer of
+features (`transcoder`), is stored in circuit-tracer's on-disk format (`io`: `config.yaml` plus
+`layer_{i}.safetensors`), is trained on Shapes-world questions by streaming activations through
+the model's hooks (`train`), and gets a card with its reconstruction and accuracy numbers (`card`).
+
+    >>> from hooked_llava.transcoders import load_transcoders
+    >>> ts = load_transcoders("shapes-llava")
+    >>> len(ts), ts.feature_input_hook
+    (8, 'blocks.{layer}.ln2.hook_normalized')
+
+This package imports only torch, safetensors, PyYAML and the model core; never `analyses` or `sae_lens`.
+"""
+
+from .io import load_transcoders, save_transcoders
+from .transcoder import JumpReLU, SingleLayerTranscoder, TopK, TranscoderSet
+
+__all__ = ["JumpReLU", "SingleLayerTranscoder", "TopK", "TranscoderSet", "load_transcoders", "save_transcoders"]

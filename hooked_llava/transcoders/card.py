@@ -1,0 +1,122 @@
+"""Evaluate a transcoder set on held-out Shapes questions, and write its card (README.md, eval.json).
+
+Metrics (questions of every category from the held-out world `EVAL_SEED`, image and text positions):
+per layer, the fraction of the MLP output's variance explained and the mean L0; and the model's answer
+accuracy with every MLP replaced by its transcoder (no error terms).
+
+    python -m hooked_llava.transcoders.card --transcoders hooked_llava/checkpoints/shapes-llava-transcoders
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..sae_card import answer_scores
+from ..shapes.evaluate import EVAL_SEED
+from ..shapes.questions import CATEGORIES, make_dataset
+from .io import load_transcoders
+from .splice import mlp_replacement_hooks
+from .train import LayerPairs
+from .transcoder import TranscoderSet
+
+
+@torch.no_grad()
+def reconstruction_stats(model: Any, ts: TranscoderSet, examples: Sequence[Any], batch: int = 64) -> dict[str, Any]:
+    """Per layer: FVE `1 - Σ‖y - ŷ‖² / Σ‖y - mean y‖²` and mean L0; and the FVE of all layers pooled."""
+    source = LayerPairs(model, ts.feature_input_hook, ts.feature_output_hook)
+    pairs = torch.cat([source.activations(examples[i : i + batch]) for i in range(0, len(examples), batch)])
+    fve, l0, err_sum, var_sum = [], [], 0.0, 0.0
+    for layer, tc in enumerate(ts):
+        x, y = pairs[:, layer, 0], pairs[:, layer, 1]
+        acts = tc.encode(x)
+        err = float((y - tc.decode(acts, x)).pow(2).sum())
+        var = float((y - y.mean(0)).pow(2).sum())
+        fve.append(1 - err / var)
+        l0.append(float((acts > 0).float().sum(-1).mean()))
+        err_sum, var_sum = err_sum + err, var_sum + var
+    return {"n_vectors": len(pairs), "fve": fve, "l0": l0, "fve_overall": 1 - err_sum / var_sum}
+
+
+def evaluate(model: Any, ts: TranscoderSet, n_per_category: int = 50, seed: int = EVAL_SEED) -> dict[str, Any]:
+    """All card metrics on `n_per_category` held-out questions of each category."""
+    examples = make_dataset(seed, n_per_category, CATEGORIES)
+    result: dict[str, Any] = {"eval_seed": seed, "n_questions": len(examples), "d_transcoder": ts.d_transcoder}
+    result.update(reconstruction_stats(model, ts, examples))
+    with torch.no_grad():
+        result["original"] = answer_scores(model, examples)
+        with model.hooks(fwd_hooks=mlp_replacement_hooks(ts)):
+            result["replaced"] = answer_scores(model, examples)
+    return result
+
+
+def card(metrics: dict[str, Any], training: dict[str, Any]) -> str:
+    """The README of a shipped transcoder set, from `evaluate`'s metrics and the training record."""
+    o, r = metrics["original"], metrics["replaced"]
+    rows = "\n".join(
+        f"| {layer} | {100 * f:.1f} % | {l0:.1f} |" for layer, (f, l0) in enumerate(zip(metrics["fve"], metrics["l0"]))
+    )
+    return f"""# {training["name"]}
+
+Per-layer transcoders (TopK, k = {training["k"]}, {metrics["d_transcoder"]} features each) for the
+{len(metrics["fve"])} MLPs of `{training["model"]}`'s language model: each reads `blocks.{{layer}}.ln2.hook_normalized`
+and predicts `blocks.{{layer}}.hook_mlp_out`. Stored in circuit-tracer's format (`config.yaml`,
+`layer_{{i}}.safetensors`). Load them with
+
+```python
+from hooked_llava.transcoders import load_transcoders
+
+ts = load_transcoders("{training["model"]}")
+```
+
+## Training
+
+`{training["command"]}` — {training["samples"]:,} positions (each gives every layer's input/output pair),
+batches of {training["batch_size"]}, Shapes questions of all categories at image and text positions
+(world seed {training["seed"]}), {training["minutes"]:.1f} min wall-clock ({training["cpu_minutes"]:.1f} min of
+process CPU time) on a 2-core CPU machine with 1 torch thread.
+
+## Evaluation
+
+On {metrics["n_questions"]} held-out questions (world seed {metrics["eval_seed"]}, all categories,
+{metrics["n_vectors"]:,} positions):
+
+| layer | fraction of variance explained | mean L0 |
+|---|---|---|
+{rows}
+| all (pooled) | {100 * metrics["fve_overall"]:.1f} % | {sum(metrics["l0"]) / len(metrics["l0"]):.1f} |
+
+| visual-QA answers | original | every MLP replaced (no error terms) |
+|---|---|---|
+| accuracy | {o["accuracy"]:.1f} % | {r["accuracy"]:.1f} % |
+| answer-token loss (nats) | {o["answer_ce"]:.4f} | {r["answer_ce"]:.4f} |
+
+Reproduce with `python -m hooked_llava.transcoders.card --transcoders <this folder>`.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--transcoders", required=True, help="folder of the set (config.yaml, layer_*.safetensors)")
+    p.add_argument("--n", type=int, default=50, help="questions per category")
+    a = p.parse_args(argv)
+    from ..model import HookedLlava
+
+    torch.set_num_threads(1)
+    folder = Path(a.transcoders)
+    ts = load_transcoders(folder)
+    training = json.loads((folder / "training.json").read_text())
+    model = HookedLlava.from_pretrained(training["model"])
+    metrics = evaluate(model, ts, a.n)
+    (folder / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (folder / "README.md").write_text(card(metrics, training))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
