@@ -98,9 +98,15 @@ def oracle_precision(
 
 
 def best_attributes(
-    precision: Float[Tensor, "unit attribute"], recall: Float[Tensor, "unit attribute"], method: str
+    precision: Float[Tensor, "unit attribute"],
+    recall: Float[Tensor, "unit attribute"],
+    method: str,
+    names: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Per unit, its best attribute: the most precise one at recall ≥ `RECALL`, else the best F1."""
+    """Per unit, its best attribute: the most precise one at recall ≥ `RECALL`, else the best F1.
+
+    `names` are the attributes' names (the columns of `precision`), `attribute_names()` by default.
+    """
     f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
     score = torch.where(recall >= RECALL, 1 + precision, f1)
     best = score.argmax(1)
@@ -110,7 +116,7 @@ def best_attributes(
         dict(
             method=method,
             unit=units.tolist(),
-            attribute=[attribute_names()[i] for i in best.tolist()],
+            attribute=[(names or attribute_names())[i] for i in best.tolist()],
             precision=p.tolist(),
             recall=r.tolist(),
             monosemantic=((p >= PRECISION) & (r >= RECALL)).tolist(),

@@ -1,0 +1,153 @@
+"""Circuit-tracer's frontend files for a graph: `{slug}.json` and `graph-metadata.json`.
+
+The graph is pruned (`prune_graph`), and its kept nodes and edges are written with the keys and node
+ids circuit-tracer's `create_graph_files` writes: feature `"{layer}_{feature}_{pos}"`, error
+`"0_{layer}_{pos}"`, token `"E_{token_id}_{pos}"`, logit `"{n_layers + 1}_{token_id}_{pos}"`; links carry
+`weight = A[target, source]`. Image-patch token nodes are labelled by their patch (`clerp = "img r,c"`),
+features by their ground-truth label when the graph has labels (`labels.label_graph`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .graph import Graph
+from .influence import prune_graph
+
+
+def _cantor(x: int, y: int) -> int:
+    return (x + y) * (x + y + 1) // 2 + y
+
+
+def _node(node_id: str, feature: int, layer: str, pos: int, kind: str, js: str, **extra: Any) -> dict[str, Any]:
+    node = dict(
+        node_id=node_id,
+        feature=feature,
+        layer=layer,
+        ctx_idx=pos,
+        feature_type=kind,
+        token_prob=0.0,
+        is_target_logit=False,
+        run_idx=0,
+        reverse_ctx_idx=0,
+        jsNodeId=js,
+        clerp="",
+        influence=None,
+        activation=None,
+    )
+    node.update(extra)
+    return node
+
+
+def _labels(graph: Graph) -> dict[tuple[int, int], str]:
+    if graph.labels is None:
+        return {}
+    table: pd.DataFrame = graph.labels
+    return {(int(r.layer), int(r.feature)): str(r.clerp) for r in table.itertuples()}
+
+
+def graph_nodes(graph: Graph, keep: Any, cumulative: Any) -> dict[int, dict[str, Any]]:
+    """The frontend node of every kept node index (see the module docstring for the ids)."""
+    labels, nodes = _labels(graph), {}
+    table = graph.positions
+    for i in keep.nonzero().flatten().tolist():
+        infl = float(cumulative[i])
+        if i < graph.error_start:
+            layer, pos, f = graph.active_features[graph.selected_features[i]].tolist()
+            act = float(graph.activation_values[graph.selected_features[i]])
+            clerp = labels.get((layer, f), "")
+            nodes[i] = _node(
+                f"{layer}_{f}_{pos}",
+                _cantor(layer, f),
+                str(layer),
+                pos,
+                "cross layer transcoder",
+                f"{layer}_{f}-0",
+                influence=infl,
+                activation=act,
+                clerp=clerp,
+            )
+        elif i < graph.token_start:
+            layer, pos = divmod(i - graph.error_start, graph.n_pos)
+            nodes[i] = _node(
+                f"0_{layer}_{pos}", -1, str(layer), pos, "mlp reconstruction error", f"{layer}_{pos}-0", influence=infl
+            )
+        elif i < graph.logit_start:
+            pos = i - graph.token_start
+            tok = int(graph.input_tokens[pos])
+            row = table.iloc[pos]
+            clerp = f"img {int(row.patch_row)},{int(row.patch_col)}" if bool(row.is_image) else ""
+            nodes[i] = _node(
+                f"E_{tok}_{pos}", pos, "E", pos, "embedding", f"E_{tok}-{pos}", influence=infl, clerp=clerp
+            )
+        else:
+            k = i - graph.logit_start
+            tok, prob, pos, layer = (
+                graph.logit_targets[k],
+                float(graph.logit_probabilities[k]),
+                graph.n_pos - 1,
+                str(graph.n_layers + 1),
+            )
+            nodes[i] = _node(
+                f"{layer}_{tok}_{pos}",
+                tok,
+                layer,
+                pos,
+                "logit",
+                f"L_{tok}-{pos}",
+                token_prob=prob,
+                is_target_logit=k == 0,
+                clerp=f'Output "{graph.logit_tokens[k]}" (p={prob:.3f})',
+            )
+    return nodes
+
+
+def to_circuit_tracer_json(
+    graph: Graph,
+    path: str | Path,
+    slug: str = "graph",
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    scan: str | None = None,
+) -> Path:
+    """Write `{slug}.json` and add it to `graph-metadata.json` in the folder `path` (created if missing).
+
+    Returns:
+        The path of `{slug}.json`.
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    pruned = prune_graph(graph, node_threshold, edge_threshold)
+    nodes = graph_nodes(graph, pruned.node_mask, pruned.cumulative_scores)
+    targets, sources = pruned.edge_mask.nonzero(as_tuple=True)
+    links = [
+        dict(source=nodes[s]["node_id"], target=nodes[t]["node_id"], weight=float(graph.adjacency_matrix[t, s]))
+        for t, s in zip(targets.tolist(), sources.tolist())
+        if s in nodes and t in nodes
+    ]
+    linked = {link["source"] for link in links} | {link["target"] for link in links}
+    used = [n for n in nodes.values() if n["node_id"] in linked or n["feature_type"] in ("embedding", "logit")]
+    metadata = dict(
+        slug=slug,
+        scan=scan or graph.scan or "unknown",
+        transcoder_list=[],
+        prompt_tokens=graph.positions.token.tolist(),
+        prompt=graph.input_string,
+        node_threshold=node_threshold,
+        schema_version=1,
+    )
+    qparams = dict(pinnedIds=[], supernodes=[], linkType="both", clickedId="", sg_pos="")
+    out = folder / f"{slug}.json"
+    out.write_text(json.dumps(dict(metadata=metadata, qParams=qparams, nodes=used, links=links), indent=2))
+    _add_metadata(folder / "graph-metadata.json", metadata)
+    return out
+
+
+def _add_metadata(path: Path, metadata: dict[str, Any]) -> None:
+    listing = json.loads(path.read_text()) if path.is_file() else {"graphs": []}
+    listing["graphs"] = [g for g in listing["graphs"] if g["slug"] != metadata["slug"]] + [metadata]
+    path.write_text(json.dumps(listing, indent=2))
