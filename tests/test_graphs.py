@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 from functools import partial
 
+import pandas as pd
+
 import pytest
 import torch
 
-from analyses.graphs import attribute, graph_scores, intervene, node_influence, prune_graph
+from analyses.graphs import attribute, graph_scores, intervene, node_influence, prune_graph, to_circuit_tracer_json
 from hooked_llava import HookedLlava
 from hooked_llava.shapes import ShapesWorld
 from hooked_llava.transcoders import load_transcoders
@@ -44,6 +46,11 @@ def inputs(model, example):
 @pytest.fixture(scope="module")
 def graph(model, inputs, ts):
     return attribute(model, inputs, ts)
+
+
+@pytest.fixture(scope="module")
+def small_graph(model, inputs, ts):
+    return attribute(model, inputs, ts, max_feature_nodes=256)
 
 
 def _replace(x, hook, value):
@@ -107,20 +114,119 @@ def test_intervene_without_edits_gives_the_model(model, inputs, ts):
     with torch.no_grad():
         want = model(inputs)
     for freeze in (False, True):
-        got = intervene(model, inputs, ts, {}, freeze_attention=freeze)
-        assert (got - want).abs().max() <= 1e-4, f"freeze_attention={freeze}: {(got - want).abs().max()}"
+        got = intervene(model, inputs, ts, {}, freeze_attention=freeze, freeze_norms=freeze)
+        assert (got - want).abs().max() <= 1e-4, f"frozen={freeze}: {(got - want).abs().max()}"
 
 
 def test_intervention_matches_the_graph_with_frozen_attention(model, inputs, ts, graph):
-    """Zeroing one last-layer feature moves the top logit by its direct edge (frozen attention, no later layer)."""
+    """Zeroing one last-layer feature moves the top logit by its direct edge (attention and norms frozen)."""
     feats = graph.active_features[graph.selected_features]
     last_layer = (feats[:, 0] == model.cfg.n_layers - 1) & (feats[:, 1] == int(inputs.last[0]))
     node = int(torch.nonzero(last_layer)[0])
     key = tuple(feats[node].tolist())
     with torch.no_grad():
         base = model(inputs)[0, int(inputs.last[0])]
-    new = intervene(model, inputs, ts, {key: 0.0}, freeze_attention=True)[0, int(inputs.last[0])]
+    new = intervene(model, inputs, ts, {key: 0.0}, freeze_attention=True, freeze_norms=True)[0, int(inputs.last[0])]
     t = graph.logit_targets[0]
     moved = (new[t] - new.mean()) - (base[t] - base.mean())
     edge = graph.adjacency_matrix[graph.logit_start, node]
     assert abs(float(moved + edge)) < 1e-3 * max(1.0, abs(float(edge)))
+
+
+def _two_object_colour_questions(world, n):
+    examples, i = [], 0
+    while len(examples) < n:
+        e = world.example(i, "Colour")
+        examples.append(e) if len(e.scene.objects) == 2 else None
+        i += 1
+    return examples
+
+
+def test_influence_against_the_matrix_inverse(small_graph):
+    """`w (Â + Â² + …)` equals `w ((I − Â)⁻¹ − I)` (a linear solve), and pruning keeps tokens and logits."""
+    small = graph = small_graph
+    a = small.adjacency_matrix.double().abs()
+    norm = a / a.sum(1, keepdim=True).clamp_min(1e-10)
+    w = small.logit_weights().double()
+    eye = torch.eye(len(w), dtype=torch.float64)
+    want = torch.linalg.solve((eye - norm).T, w) - w
+    torch.testing.assert_close(node_influence(small).double(), want, atol=1e-6, rtol=1e-4)
+    pruned = prune_graph(graph, 0.8, 0.98)
+    assert pruned.node_mask[graph.token_start :].all()
+    kept = pruned.node_mask[: graph.n_features]
+    assert 0 < int(kept.sum()) < graph.n_features
+    assert pruned.edge_mask[kept.nonzero().flatten()].any(1).all()  # kept features have an edge in
+    replacement, completeness = graph_scores(graph)
+    assert 0 < replacement <= 1 and 0 < completeness <= 1
+
+
+def test_the_answer_flows_from_the_asked_object(model, ts):
+    """Colour questions about one of two objects: the asked object's patches get ≥ 2× their area's share
+    of the image nodes' influence in ≥ 3 of 4 scenes, and zeroing the 10 most influential features lowers
+    the answer's logit > 3× as much as zeroing 10 random active features (mean over the scenes)."""
+    world = ShapesWorld(11)
+    hits, top_drops, random_drops = 0, [], []
+    gen = torch.Generator().manual_seed(0)
+    for e in _two_object_colour_questions(world, 4):
+        inputs = model.prepare(images=[e.image], prompts=[e.prompt])
+        g = attribute(model, inputs, ts, max_feature_nodes=1024)
+        infl = node_influence(g)
+        image = g.image_token_nodes()
+        asked = next(i for i, o in enumerate(e.scene.objects) if o.shape in e.question)
+        cells = set(world.object_patches(e.scene)[asked])
+        on_object = torch.tensor([r * world.grid + c in cells for r, c in zip(image.patch_row, image.patch_col)])
+        share = infl[torch.tensor(image.node.to_numpy())]
+        hits += float(share[on_object].sum() / share.sum()) >= 2 * len(cells) / world.grid**2
+        top = g.active_features[g.selected_features[infl[: g.n_features].topk(10).indices]]
+        rand = g.active_features[torch.randperm(len(g.active_features), generator=gen)[:10]]
+        answer, last = model.processor.tokenizer.convert_tokens_to_ids(e.answer), int(inputs.last[0])
+        base = intervene(model, inputs, ts, {})[0, last, answer]
+        for feats, drops in ((top, top_drops), (rand, random_drops)):
+            edits = {tuple(f): 0.0 for f in feats.tolist()}
+            drops.append(float(base - intervene(model, inputs, ts, edits)[0, last, answer]))
+    assert hits >= 3, f"the asked object's patches dominate in only {hits} of 4 scenes"
+    top_mean, random_mean = sum(top_drops) / 4, sum(random_drops) / 4
+    assert top_mean > 0 and top_mean > 3 * random_mean, (top_drops, random_drops)
+
+
+def test_circuit_tracer_json(small_graph, tmp_path):
+    graph = small_graph
+    out = to_circuit_tracer_json(graph, tmp_path, slug="colour", node_threshold=0.8, edge_threshold=0.98)
+    data = json.loads(out.read_text())
+    assert set(data) == {"metadata", "qParams", "nodes", "links"}
+    assert {"slug", "scan", "prompt_tokens", "prompt", "node_threshold", "schema_version"} <= set(data["metadata"])
+    node_keys = {
+        "node_id",
+        "feature",
+        "layer",
+        "ctx_idx",
+        "feature_type",
+        "jsNodeId",
+        "clerp",
+        "influence",
+        "activation",
+        "token_prob",
+        "is_target_logit",
+    }
+    assert all(node_keys <= set(n) for n in data["nodes"])
+    ids = {n["node_id"] for n in data["nodes"]}
+    assert len(ids) == len(data["nodes"])
+    assert all(link["source"] in ids and link["target"] in ids for link in data["links"])
+    kinds = pd.DataFrame(data["nodes"]).groupby("feature_type").size()
+    assert set(kinds.index) >= {"cross layer transcoder", "embedding", "logit"}
+    # node ids as circuit-tracer writes them, recomputed here from the graph
+    tokens, n = graph.input_tokens.tolist(), graph.n_layers
+    image = graph.positions[graph.positions.is_image]
+    for pos, r, c in zip(image.pos, image.patch_row, image.patch_col):
+        node = next(x for x in data["nodes"] if x["node_id"] == f"E_{tokens[pos]}_{pos}")
+        assert node["clerp"] == f"img {r},{c}" and node["feature_type"] == "embedding"
+    top = graph.logit_targets[0]
+    assert f"{n + 1}_{top}_{graph.n_pos - 1}" in ids
+    for x in data["nodes"]:
+        if x["feature_type"] == "cross layer transcoder":
+            layer, f, pos = map(int, x["node_id"].split("_"))
+            assert [layer, pos, f] in graph.active_features.tolist()
+        if x["feature_type"] == "mlp reconstruction error":
+            assert x["node_id"] == f"0_{x['layer']}_{x['ctx_idx']}"
+    listing = json.loads((tmp_path / "graph-metadata.json").read_text())
+    assert [g["slug"] for g in listing["graphs"]] == ["colour"]

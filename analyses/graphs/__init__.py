@@ -12,6 +12,19 @@ This package uses only the model's public hooks and the transcoders' public meth
 from .attribute import attribute
 from .graph import Graph
 from .influence import PruneResult, graph_scores, node_influence, prune_graph
+from .export import to_circuit_tracer_json
 from .intervene import intervene
+from .labels import feature_labels, label_graph
 
-__all__ = ["Graph", "PruneResult", "attribute", "graph_scores", "intervene", "node_influence", "prune_graph"]
+__all__ = [
+    "Graph",
+    "PruneResult",
+    "attribute",
+    "feature_labels",
+    "graph_scores",
+    "intervene",
+    "label_graph",
+    "node_influence",
+    "prune_graph",
+    "to_circuit_tracer_json",
+]

@@ -75,7 +75,8 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
     pruned[:, ~node_mask] = 0
     norm = normalize(pruned)
     edge_scores = norm * (influence(norm, w) + w)[:, None]
-    edge_mask = edge_scores >= _threshold(edge_scores.flatten(), edge_threshold)
+    positive = edge_scores[edge_scores > 0]  # the zeros never change the threshold; sorting them is slow
+    edge_mask = edge_scores >= (_threshold(positive, edge_threshold) if len(positive) else 1.0)
     previous = None
     while previous is None or not torch.equal(previous, node_mask):
         previous = node_mask.clone()

@@ -3,7 +3,8 @@
 Every MLP is replaced by its transcoder plus the clean run's error term `mlp_out − ŷ` (a constant), so
 with no interventions the model's own logits come back. Features not set are re-encoded from the MLP's
 (possibly changed) input, so the effect of an intervention propagates through later features. With
-`freeze_attention`, every attention pattern keeps its clean value, as in the graph's replacement model.
+`freeze_attention`, every attention pattern keeps its clean value, and with `freeze_norms` every norm's
+scale does, as in the graph's replacement model (both frozen: the edit's effect is linear, as the graph's edges).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def _set_features(layer: int, acts: Tensor, *, edits: Mapping[tuple[int, int, in
     return acts
 
 
-def _frozen_pattern(pattern: Tensor, hook: Any, *, clean: dict[str, Tensor]) -> Tensor:
+def _frozen(value: Tensor, hook: Any, *, clean: dict[str, Tensor]) -> Tensor:
     return clean[hook.name]
 
 
@@ -50,6 +51,7 @@ def intervene(
     ts: Any,
     interventions: Mapping[tuple[int, int, int], float],
     freeze_attention: bool = False,
+    freeze_norms: bool = False,
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """Logits with the features `(layer, pos, feature)` set to the given values (in every row of `inputs`).
 
@@ -59,6 +61,7 @@ def intervene(
         ts: the transcoders.
         interventions: `{(layer, pos, feature): value}`; `{}` returns the model's own logits.
         freeze_attention: keep every attention pattern at its clean value.
+        freeze_norms: keep every language-model norm's scale (`ln1`, `ln2`, `ln_final`) at its clean value.
 
     Returns:
         Logits `[batch, pos, d_vocab]`.
@@ -66,7 +69,11 @@ def intervene(
     _check(interventions, ts, inputs.input_ids.shape[1])
     n = len(ts)
     names = [ts.input_hook(layer) for layer in range(n)] + [ts.output_hook(layer) for layer in range(n)]
-    patterns = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)] if freeze_attention else []
+    layers = range(model.cfg.n_layers)
+    patterns = [f"blocks.{layer}.attn.hook_pattern" for layer in layers] if freeze_attention else []
+    if freeze_norms:
+        patterns += [f"blocks.{layer}.{ln}.hook_scale" for layer in layers for ln in ("ln1", "ln2")]
+        patterns.append("ln_final.hook_scale")
     _, cache = model.run_with_cache(inputs, names_filter=names + patterns)
     errors = {}
     for layer, tc in enumerate(ts):
@@ -74,6 +81,6 @@ def intervene(
         errors[layer] = cache[ts.output_hook(layer)] - tc.decode(tc.encode(x), x)
     hooks = mlp_replacement_hooks(ts, errors, partial(_set_features, edits=dict(interventions)))
     clean = {name: cache[name] for name in patterns}
-    hooks += [(name, partial(_frozen_pattern, clean=clean)) for name in patterns]
+    hooks += [(name, partial(_frozen, clean=clean)) for name in patterns]
     with model.hooks(fwd_hooks=hooks):
         return model(inputs)
