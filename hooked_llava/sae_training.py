@@ -67,7 +67,7 @@ class ShapesActivations:
     def __iter__(self) -> ShapesActivations:
         return self
 
-    def __next__(self) -> Float[Tensor, "batch *d_in"]:
+    def __next__(self) -> Float[Tensor, "batch ..."]:
         batch = self.batch(self.step)
         self.step += 1
         return batch
@@ -93,7 +93,7 @@ class ShapesActivations:
             mask |= inputs.mask(role)
         return mask
 
-    def batch(self, k: int) -> Float[Tensor, "batch *d_in"]:
+    def batch(self, k: int) -> Float[Tensor, "batch ..."]:
         """Batch `k`: `batch_size` vectors drawn without replacement from the examples of batch `k`."""
         acts = self.activations(self.examples(k))
         if len(acts) < self.batch_size:

@@ -12,7 +12,6 @@ import json
 from functools import partial
 
 import pandas as pd
-
 import pytest
 import torch
 

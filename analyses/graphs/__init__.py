@@ -10,9 +10,9 @@ This package uses only the model's public hooks and the transcoders' public meth
 """
 
 from .attribute import attribute
+from .export import to_circuit_tracer_json
 from .graph import Graph
 from .influence import PruneResult, graph_scores, node_influence, prune_graph
-from .export import to_circuit_tracer_json
 from .intervene import intervene
 from .labels import feature_labels, label_graph
 

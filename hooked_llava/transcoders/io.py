@@ -106,7 +106,7 @@ def load_transcoders(name_or_dir: str | Path, device: Any = None, dtype: torch.d
     config = yaml.safe_load(config_file.read_text())
     if config.get("model_kind") != "transcoder_set":
         raise ValueError(
-            f"{config_file}: model_kind is {config.get('model_kind')!r}; only per-layer sets (transcoder_set) load here."
+            f"{config_file}: model_kind is {config.get('model_kind')!r}; only per-layer sets (transcoder_set) load."
         )
     if "transcoders" in config:
         paths = [folder / p for p in config["transcoders"]]
