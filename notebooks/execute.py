@@ -1,8 +1,8 @@
-"""Re-execute the tutorial notebooks 01-04 and 06 in place, so that the committed copies show their outputs.
+"""Re-execute the tutorial notebooks 01-04, 06 and 07 in place, so that the committed copies show their outputs.
 
 Run it from anywhere in the repository (it needs the "dev" extra: nbclient, nbformat, ipykernel):
 
-    python notebooks/execute.py                       # 01-04 and 06 (06 needs the "sae" extra)
+    python notebooks/execute.py                       # 01-04, 06 and 07 (06 needs the "sae" extra)
     python notebooks/execute.py 02_study_a_shapes     # only the named ones
 
 Each notebook runs top to bottom in a fresh kernel whose working directory is notebooks/ and whose
@@ -23,7 +23,14 @@ import nbformat
 
 NOTEBOOKS = Path(__file__).resolve().parent
 ROOT = NOTEBOOKS.parent
-EXECUTED = ["01_quickstart", "02_study_a_shapes", "03_study_b_shapes", "04_patching_colour_swap", "06_saes_shapes"]
+EXECUTED = [
+    "01_quickstart",
+    "02_study_a_shapes",
+    "03_study_b_shapes",
+    "04_patching_colour_swap",
+    "06_saes_shapes",
+    "07_attribution_graphs",
+]
 CELL_TIMEOUT_S = 600
 
 

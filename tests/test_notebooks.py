@@ -30,6 +30,7 @@ EXECUTED = [
     "03_study_b_shapes.ipynb",
     "04_patching_colour_swap.ipynb",
     "06_saes_shapes.ipynb",
+    "07_attribution_graphs.ipynb",
 ]
 NEEDS_SAE = {"06_saes_shapes.ipynb"}  # runs only where the sae extra (SAELens) is installed
 UNEXECUTED = ["05_real_llava_7b.ipynb"]

@@ -12,9 +12,10 @@ This package uses only the model's public hooks and the transcoders' public meth
 from .attribute import attribute
 from .export import to_circuit_tracer_json
 from .graph import Graph
-from .influence import PruneResult, graph_scores, node_influence, prune_graph
+from .influence import PruneResult, graph_scores, node_influence, patch_influence, prune_graph
 from .intervene import intervene
-from .labels import feature_labels, label_graph
+from .labels import feature_labels, label_graph, node_labels
+from .plot import plot_graph, top_features
 
 __all__ = [
     "Graph",
@@ -25,6 +26,10 @@ __all__ = [
     "intervene",
     "label_graph",
     "node_influence",
+    "node_labels",
+    "patch_influence",
+    "plot_graph",
     "prune_graph",
     "to_circuit_tracer_json",
+    "top_features",
 ]

@@ -119,3 +119,15 @@ def partial_influence(
         total += prod_cols
         prod = torch.cat([prod_cols, torch.zeros(len(logit_probabilities))])
     return total
+
+
+def patch_influence(graph: Graph, infl: Tensor | None = None) -> Float[Tensor, "grid grid"]:
+    """The influence of each image patch's token node, laid out on the patch grid (row-major)."""
+    infl = node_influence(graph) if infl is None else infl
+    image = graph.image_token_nodes()
+    if not len(image):
+        raise ValueError("this graph has no image positions, so there is no patch map.")
+    rows, cols, nodes = (torch.as_tensor(image[c].to_numpy().copy()) for c in ("patch_row", "patch_col", "node"))
+    out = torch.zeros(int(rows.max()) + 1, int(cols.max()) + 1)
+    out[rows, cols] = infl[nodes]
+    return out
