@@ -229,3 +229,56 @@ def test_circuit_tracer_json(small_graph, tmp_path):
             assert x["node_id"] == f"0_{x['layer']}_{x['ctx_idx']}"
     listing = json.loads((tmp_path / "graph-metadata.json").read_text())
     assert [g["slug"] for g in listing["graphs"]] == ["colour"]
+
+
+def _truth_by_hand(world, example, name):
+    """Row-major patches then the last position: where attribute `name` holds, read off the scene directly."""
+    from hooked_llava.shapes.world import horizontal_word
+
+    truth = torch.zeros(world.grid**2 + 1, dtype=torch.bool)
+    asked = next(o for o in example.scene.objects if o.shape in example.question)
+    for obj, cells in zip(example.scene.objects, world.object_patches(example.scene)):
+        facts = {"object", f"color={obj.color}", f"shape={obj.shape}", f"side={horizontal_word(obj.center[0])}"}
+        if obj is asked:
+            facts.add("asked object")
+        if name in facts:
+            truth[cells] = True
+    truth[-1] = name in (f"asks={asked.shape}", f"answer={example.answer}")
+    return truth
+
+
+def test_feature_labels_against_a_count_by_hand(model, ts, small_graph, tmp_path):
+    from analyses.graphs import feature_labels, label_graph, node_labels
+
+    world, n = ShapesWorld(12345), 12
+    labels = feature_labels(model, ts, n_scenes=n, seed=12345)
+    assert len(labels) == len(ts) * ts.d_transcoder
+    examples = [world.example(i, "Colour") for i in range(n)]
+    inputs = model.prepare(images=[e.image for e in examples], prompts=[e.prompt for e in examples])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(inputs, names_filter=[ts.input_hook(3)])
+    rc = inputs.patch_rc()
+    rows = []
+    for b in range(n):  # positions of the cells in row-major order, found from patch_rc, then the last one
+        cells = {int(r) * world.grid + int(c): p for p, (r, c) in enumerate(rc[b].tolist()) if r >= 0}
+        rows.append([cells[k] for k in range(world.grid**2)] + [int(inputs.last[b])])
+    acts = torch.stack([ts[3].encode(cache[ts.input_hook(3)][b, rows[b]]) for b in range(n)])  # [n, 65, F]
+    checked = labels[(labels.layer == 3) & (labels.active_rows > 0)].head(6)
+    assert len(checked) == 6
+    for row in checked.itertuples():
+        fires = acts[:, :, row.feature] > 0
+        truth = torch.stack([_truth_by_hand(world, e, row.attribute) for e in examples])
+        assert int(fires.sum()) == row.active_rows
+        assert abs(float((fires & truth).sum() / fires.sum()) - row.precision) < 1e-6
+        assert row.clerp == f"{row.attribute} (p={row.precision:.2f})"
+    nodes = node_labels(label_graph(small_graph, labels))
+    assert nodes.clerp.notna().all() and (nodes.clerp != "").any()
+    first = nodes.iloc[0]
+    want = labels[(labels.layer == first.layer) & (labels.feature == first.feature)].iloc[0]
+    assert first.clerp == want.clerp and first.precision == want.precision
+    written = json.loads(to_circuit_tracer_json(small_graph, tmp_path).read_text())["nodes"]
+    by_key = labels.set_index(["layer", "feature"]).clerp
+    for node in (x for x in written if x["feature_type"] == "cross layer transcoder"):
+        layer, feature, _ = map(int, node["node_id"].split("_"))
+        assert node["clerp"] == by_key[(layer, feature)]
+    small_graph.labels = None
