@@ -21,12 +21,11 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from hooked_llava.shapes import COLORS, SHAPES, ShapesWorld
+from hooked_llava.shapes.evaluate import EVAL_SEED  # the held-out world, never used for training
 
 from .. import sae_groundtruth as gt
 from ..patch_grid import grid_positions
 from .graph import Graph
-
-EVAL_SEED = 12345  # the held-out Shapes world (never used for training)
 
 
 def label_names() -> list[str]:

@@ -10,7 +10,7 @@ the model's hooks (`train`), and gets a card with its reconstruction and accurac
     >>> len(ts), ts.feature_input_hook
     (8, 'blocks.{layer}.ln2.hook_normalized')
 
-This package imports only torch, safetensors, PyYAML and the model core; never `analyses` or `sae_lens`.
+This package imports only torch, safetensors, PyYAML, tqdm and the model core; never `analyses` or `sae_lens`.
 """
 
 from .io import load_transcoders, save_transcoders
