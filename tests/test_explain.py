@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from analyses import explain as explain_module
-from analyses.explain import explain, write_html
-from analyses.explain_patches import object_rank
-from hooked_llava.cli_inputs import DEFAULT_SCENE, build_inputs, load_model, scene
+from analyses.report import explain as explain_module
+from analyses.report.explain import explain, write_html
+from analyses.report.patches import object_rank
+from hooked_llava.cli.arguments import DEFAULT_SCENE, build_inputs, load_model, scene
 from hooked_llava.testing import random_images
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
