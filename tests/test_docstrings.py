@@ -9,9 +9,9 @@ import inspect
 import pytest
 
 MODULES = [
-    "flows", "attention_knockout", "knockout_stats", "ablation", "patching", "patching_common", "patching_attribution",
-    "plot_flows", "anyres", "explain", "sweep", "sweep_examples",
-    "gqa",
+    "information_flow.flows", "information_flow.attention_knockout", "information_flow.stats", "ablation",
+    "patching.activation", "patching.common", "patching.attribution", "plotting.flows", "patch_maps.anyres",
+    "report.explain", "information_flow.sweep", "information_flow.examples", "information_flow.gqa",
 ]  # fmt: skip
 
 

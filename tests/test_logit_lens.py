@@ -162,15 +162,15 @@ def test_no_hooks_left_even_when_a_hook_raises(setup, monkeypatch):
 
 
 MODULES = [
-    "lens",
+    "lens.logit",
     "readout",
-    "embedding",
-    "attribution",
-    "contributions",
-    "patch_grid",
-    "patch_maps",
-    "occlusion",
-    "plotting",
+    "lens.embedding",
+    "attribution.scores",
+    "attribution.contributions",
+    "patch_maps.grid",
+    "patch_maps.maps",
+    "patch_maps.occlusion",
+    "plotting.figures",
 ]
 
 
