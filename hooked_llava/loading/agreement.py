@@ -28,9 +28,9 @@ def _processor_image_size(image_processor: Any) -> tuple[int, int] | None:
     """The square the vision tower sees: the centre crop if the processor crops, else a fixed resize."""
     crop, size = getattr(image_processor, "crop_size", None), getattr(image_processor, "size", None)
     for box in ([crop] if getattr(image_processor, "do_center_crop", False) else []) + [size]:
-        box = dict(box) if box is not None and hasattr(box, "keys") else {}
-        if box.get("height") is not None and box.get("width") is not None:
-            return int(box["height"]), int(box["width"])
+        get = box.get if isinstance(box, dict) else lambda key, box=box: getattr(box, key, None)  # dict or SizeDict
+        if get("height") is not None and get("width") is not None:
+            return int(get("height")), int(get("width"))
     return None
 
 
