@@ -102,7 +102,7 @@ def test_patching_refuses_a_clean_cache_of_another_layout(pair, left):
         "remove_batch_dim": model.run_with_cache(left[[0]], names_filter=names, remove_batch_dim=True)[1],
         "lacks": model.run_with_cache(left, names_filter=names[:1])[1],
     }
-    for what, cache in bad.items():
+    for cache in bad.values():
         with pytest.raises(ValueError, match="remove_batch_dim|lacks|same batch size"):
             patch_residual(model, corrupted, cache, _metric, **kwargs)
     good = model.run_with_cache(left, names_filter=names)[1]

@@ -51,7 +51,10 @@ def sae_model():
     from hooked_llava.testing import random_images, tiny_hf_llava, tiny_processor
 
     model = HookedSAELlava.from_hf(tiny_hf_llava(0), tiny_processor(32, 8, "default"))
-    prompts = ["USER: <image>\nWhat is the color of the circle?\nASSISTANT:", "USER: <image>\nIs the square red?\nASSISTANT:"]
+    prompts = [
+        "USER: <image>\nWhat is the color of the circle?\nASSISTANT:",
+        "USER: <image>\nIs the square red?\nASSISTANT:",
+    ]
     return model, model.prepare(images=random_images(2, 32, 1), prompts=prompts)
 
 
@@ -60,7 +63,8 @@ def _by_hand(sae):
 
 
 @pytest.mark.parametrize(
-    ("hook", "setter"), [("blocks.0.hook_mlp_in", "set_use_hook_mlp_in"), ("blocks.0.attn.hook_result", "set_use_attn_result")]
+    ("hook", "setter"),
+    [("blocks.0.hook_mlp_in", "set_use_hook_mlp_in"), ("blocks.0.attn.hook_result", "set_use_attn_result")],
 )
 def test_an_sae_at_a_switched_off_hook_is_refused_and_works_once_switched_on(sae_model, hook, setter):
     model, inputs = sae_model
@@ -149,5 +153,7 @@ def test_config_image_token_and_image_size_are_checked(saved, tmp_path):
     config["image_token_id" if "image_token_id" in config else "image_token_index"] = 5
     config["vision_config"]["image_size"] = 64
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"image token id: config.json says 5.*image size: config.json says \(64, 64\)"):
+    with pytest.raises(
+        CheckpointError, match=r"image token id: config.json says 5.*image size: config.json says \(64, 64\)"
+    ):
         HookedLlava.from_pretrained(path)

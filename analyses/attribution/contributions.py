@@ -60,7 +60,8 @@ def resolve_targets(
             )
         if target.ndim > 1 or target.numel() not in (1, batch):
             raise ValueError(
-                f"target must be one token id or one per row ({batch} rows), got a tensor of shape {tuple(target.shape)}."
+                f"target must be one token id or one per row ({batch} rows), "
+                f"got a tensor of shape {tuple(target.shape)}."
             )
         ids = target.to(logits.device).long().reshape(-1).expand(batch)
         for i in ids.unique().tolist():

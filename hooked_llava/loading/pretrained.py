@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from hooked_llava.loading import devices
-from hooked_llava.loading.checkpoint_files import load_weights, read_json, regular_file, weight_files
 from hooked_llava.loading.agreement import check_processor
+from hooked_llava.loading.checkpoint_files import load_weights, read_json, regular_file, weight_files
 from hooked_llava.loading.convert import CheckpointError, convert
 from hooked_llava.loading.resolve import SHIPPED, resolve
 from hooked_llava.model.config import InvalidConfigError, configs_from_hf

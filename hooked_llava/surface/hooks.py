@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-
 from hooked_llava.inputs import checks
 from hooked_llava.model.hook_points import allow_broadcasting_hooks
 from hooked_llava.surface.cache import LlavaActivationCache
