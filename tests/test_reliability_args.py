@@ -117,12 +117,13 @@ def test_patch_importance_reads_out_in_float64_and_warns_below_the_noise_floor(p
 
     model, _ = pair
     heat = patch_importance(model, left, heads=[(1, 0)], progress=False)
-    assert heat.dtype == torch.float64
+    assert heat.dtype == torch.float32  # read out in float64 by default, returned at the model's precision
+    assert torch.equal(heat, patch_importance(model, left, heads=[(1, 0)], dtype=torch.float64).float())
     raw = log_prob_increase(model, left, unit="position", head=(1, 0), dtype=torch.float64)  # independent readout
     scores = raw.gather(1, grid_positions(left).to(raw.device))
     low, high = scores.amin(1, keepdim=True), scores.amax(1, keepdim=True)
     expected = (scores - low) / (high - low)
-    assert_close(heat.flatten(1), expected / expected.sum(1, keepdim=True))
+    assert_close(heat.flatten(1), (expected / expected.sum(1, keepdim=True)).float())
     noise = torch.tensor([[0.0, 3e-6, 1e-6], [0.0, 0.5, 1.0]], dtype=torch.float64)
     with pytest.warns(UserWarning, match=r"row\(s\) \[0\].*noise floor"):
         _warn_below_noise(noise, torch.float32)

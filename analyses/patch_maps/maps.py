@@ -170,23 +170,27 @@ def patch_importance(
         baseline: occlusion's replacement: "mean" (the row's mean image feature), "zeros", or a vector.
         batch_size, progress: occlusion's forward batch size and tqdm bar.
         dtype: precision of the readouts of "log_prob_increase" and "occlusion" (see
-            `FrozenReadout`): default `torch.float64` (as the report reads out), which resolves
-            score differences far below float32's ~1e-5 nats (e.g. on confident answers). With a
+            `FrozenReadout`): default `torch.float64` (as the report reads out; the map comes back
+            at the model's precision, at least float32), which resolves score differences far
+            below float32's ~1e-5 nats (e.g. on confident answers). With a
             coarser dtype, a row whose "log_prob_increase" scores span less than its rounding noise
             gets a warning: its min-max normalised map would show noise.
 
     Returns:
-        `[batch, grid_h, grid_w]`, in the readout's dtype; larger means more important.
+        `[batch, grid_h, grid_w]`, in `dtype` when given, else the model's (at least float32);
+        larger means more important.
 
     Example:
         >>> heat = patch_importance(model, inputs, "log_prob_increase")
         >>> heat[0].sum()  # tensor(1.)
     """
-    dtype = torch.float64 if dtype is None else dtype
+    # Read out in float64 by default; return at the model's precision (at least float32), as before.
+    given, dtype = dtype, torch.float64 if dtype is None else dtype
+    out = torch.promote_types(model.W_U.dtype, torch.float32) if given is None else dtype
     if method == "log_prob_increase":
-        return _lpi_map(model, inputs, heads, n_top_heads, target, dtype)
+        return _lpi_map(model, inputs, heads, n_top_heads, target, dtype).to(out)
     if method == "attention":
         return _attention_map(model, inputs)
     if method == "occlusion":
-        return _occlusion_map(model, inputs, target, baseline, batch_size, progress, dtype)
+        return _occlusion_map(model, inputs, target, baseline, batch_size, progress, dtype).to(out)
     raise ValueError(f"unknown method {method!r}; use 'log_prob_increase', 'attention' or 'occlusion'.")
