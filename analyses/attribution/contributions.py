@@ -53,7 +53,17 @@ def resolve_targets(
     if target is None:
         return logits.argmax(-1)
     if isinstance(target, Tensor):
-        ids = target.to(logits.device).long().expand(batch)
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(
+                f"target must hold token ids (an integer tensor), got a {target.dtype} tensor: logits or "
+                "probabilities are not tokens; pass e.g. logits.argmax(-1) or the ids themselves."
+            )
+        if target.ndim > 1 or target.numel() not in (1, batch):
+            raise ValueError(
+                f"target must be one token id or one per row ({batch} rows), "
+                f"got a tensor of shape {tuple(target.shape)}."
+            )
+        ids = target.to(logits.device).long().reshape(-1).expand(batch)
         for i in ids.unique().tolist():
             ranges.token_id(i, model.cfg.d_vocab)
         return ids

@@ -74,8 +74,9 @@ def knockout(
         model: the model.
         inputs: the prepared batch.
         source: key positions, a role ("image", "question", "last", "text", "related",
-            "other_image", ...) or explicit positions (negative ones count from the end; positions
-            outside the sequence raise).
+            "other_image", ...) or explicit positions (negative ones count back from each row's last real token, so
+            `[-1]` is every row's answer position on a right-padded batch too; positions outside
+            the sequence raise).
         target: query positions, same forms.
         layers: a layer or the layers to block in, in `0..n_layers-1` (negative ones count from
             the end); the causal mask stays everywhere.

@@ -67,8 +67,15 @@ def resolve_flows(flows: FlowSpec | Sequence[FlowSpec] | Mapping[str, tuple] | N
     if flows is None:
         return dict(FLOWS)
     if isinstance(flows, Mapping):
-        return dict(flows)
-    items = [flows] if isinstance(flows, str) else list(flows)
+        resolved = dict(flows)
+    else:
+        resolved = _resolve_items([flows] if isinstance(flows, str) else list(flows))
+    if not resolved:
+        raise ValueError(f"flows is empty: give at least one flow, e.g. {list(FLOWS)[:2]}, or None for all six.")
+    return resolved
+
+
+def _resolve_items(items: list) -> dict[str, tuple]:
     resolved = {}
     for item in items:
         if isinstance(item, str):

@@ -28,7 +28,10 @@ Words = str | Sequence[str] | Sequence[Sequence[str]]
 
 def _layer_list(model: HookedLlava, layers: Sequence[int] | None) -> list[int]:
     n = model.cfg.n_layers
-    return list(range(n + 1)) if layers is None else ranges.indices(layers, n + 1, "layer")
+    chosen = list(range(n + 1)) if layers is None else ranges.indices(layers, n + 1, "layer")
+    if not chosen:
+        raise ValueError(f"layers is empty: give at least one readout layer in 0..{n} (or None for all {n + 1}).")
+    return chosen
 
 
 def residual_stack(

@@ -18,6 +18,7 @@ The examples in this module's docstrings run on a tiny random model:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -48,6 +49,20 @@ def _normalise(scores: Float[Tensor, "batch cell"]) -> Float[Tensor, "batch cell
     spread = (scores - low) / (high - low).clamp_min(torch.finfo(scores.dtype).tiny)
     spread = torch.where(high > low, spread, torch.ones_like(spread))
     return spread / spread.sum(1, keepdim=True)
+
+
+def _warn_below_noise(scores: Float[Tensor, "batch cell"], dtype: torch.dtype) -> None:
+    """Warn when a row's scores span less than the rounding noise of log-probabilities read out in
+    `dtype` (about 100 ulps of 1 nat: ~1e-5 in float32), where min-max normalising maps noise."""
+    floor = 100 * torch.finfo(dtype).eps
+    spread = scores.amax(1) - scores.amin(1)
+    rows = ((spread > 0) & (spread <= floor)).nonzero()[:, 0].tolist()
+    if rows:
+        warnings.warn(
+            f"patch scores of row(s) {rows} span {float(spread[rows].max()):.1e} nats, below the {dtype} readout's "
+            f"noise floor (~{floor:.0e}): the map shows rounding noise. Pass dtype=torch.float64.",
+            stacklevel=4,
+        )
 
 
 def _choose_heads(
@@ -97,6 +112,7 @@ def _lpi_map(
     chosen = _choose_heads(head_scores, heads, n_heads)  # per row: a list of (layer, head)
     # Several heads' position scores add up before normalising.
     total = sum(_slot_scores(model, acts, x, readout, cells, [row[s] for row in chosen]) for s in range(len(chosen[0])))
+    _warn_below_noise(total, readout.dtype)
     return _normalise(total).reshape(len(inputs), inputs.grid_size, inputs.grid_size)
 
 
@@ -154,20 +170,27 @@ def patch_importance(
         baseline: occlusion's replacement: "mean" (the row's mean image feature), "zeros", or a vector.
         batch_size, progress: occlusion's forward batch size and tqdm bar.
         dtype: precision of the readouts of "log_prob_increase" and "occlusion" (see
-            `FrozenReadout`): default the model's, at least float32; `torch.float64` resolves
-            score differences below float32's ~1e-5 nats (e.g. on confident answers).
+            `FrozenReadout`): default `torch.float64` (as the report reads out; the map comes back
+            at the model's precision, at least float32), which resolves score differences far
+            below float32's ~1e-5 nats (e.g. on confident answers). With a
+            coarser dtype, a row whose "log_prob_increase" scores span less than its rounding noise
+            gets a warning: its min-max normalised map would show noise.
 
     Returns:
-        `[batch, grid_h, grid_w]`, in the readout's dtype; larger means more important.
+        `[batch, grid_h, grid_w]`, in `dtype` when given, else the model's (at least float32);
+        larger means more important.
 
     Example:
         >>> heat = patch_importance(model, inputs, "log_prob_increase")
         >>> heat[0].sum()  # tensor(1.)
     """
+    # Read out in float64 by default; return at the model's precision (at least float32), as before.
+    given, dtype = dtype, torch.float64 if dtype is None else dtype
+    out = torch.promote_types(model.W_U.dtype, torch.float32) if given is None else dtype
     if method == "log_prob_increase":
-        return _lpi_map(model, inputs, heads, n_top_heads, target, dtype)
+        return _lpi_map(model, inputs, heads, n_top_heads, target, dtype).to(out)
     if method == "attention":
         return _attention_map(model, inputs)
     if method == "occlusion":
-        return _occlusion_map(model, inputs, target, baseline, batch_size, progress, dtype)
+        return _occlusion_map(model, inputs, target, baseline, batch_size, progress, dtype).to(out)
     raise ValueError(f"unknown method {method!r}; use 'log_prob_increase', 'attention' or 'occlusion'.")

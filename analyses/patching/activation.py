@@ -120,7 +120,8 @@ def generic_patch(
         axis: what the index counts: "pos", "head" or "group" (then `size` groups).
         layers: layers to sweep (default all); positions: positions to sweep on a "pos" axis,
             a role or explicit positions (default all). Pieces not swept are NaN. Negative
-            layers and positions count from the end; out-of-range ones raise.
+            layers count from the end, negative positions from each row's last real token (see
+            `analyses.ranges.positions`); out-of-range ones raise.
         batch_size: pieces per forward pass (as batch rows).
         progress: show a tqdm bar.
 

@@ -58,7 +58,8 @@ def _clean_cache(
     model: HookedLlava, clean: Clean, corrupted: LlavaInputs, names: list[str]
 ) -> ActivationCache | Mapping[str, Tensor]:
     if not isinstance(clean, LlavaInputs):
-        return clean  # an ActivationCache (or dict) of the clean run, as TransformerLens takes
+        check_cache(clean, corrupted, names)  # an ActivationCache (or dict) of the clean run, as TransformerLens takes
+        return clean
     check_pair(clean, corrupted)
     with torch.no_grad():
         return model.run_with_cache(clean, names_filter=names, return_type=None)[1]
@@ -89,3 +90,27 @@ def to_frame(
     if labels is not None:
         df["label"] = list(labels) * n_layers
     return df
+
+
+def check_cache(clean: ActivationCache | Mapping[str, Tensor], corrupted: LlavaInputs, names: list[str]) -> None:
+    """Raise a ValueError unless the clean cache holds `names` for a run of the corrupted inputs' layout:
+    a batch dimension, the same batch size and every position (no `pos_slice`). A cache made with
+    `pos_slice`, `remove_batch_dim` or another batch would patch the wrong positions or broadcast one
+    row into every row."""
+    if getattr(clean, "has_batch_dim", True) is False:
+        raise ValueError(
+            "the clean ActivationCache was made with remove_batch_dim=True; patching needs the batch dimension: "
+            "run_with_cache(clean_inputs) without it, or pass the clean LlavaInputs."
+        )
+    missing = [n for n in names if n not in clean]
+    if missing:
+        raise ValueError(f"the clean cache lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}; cache those hooks.")
+    batch, seq = corrupted.shape
+    for name in names:
+        shape = tuple(clean[name].shape)
+        if shape[:2] != (batch, seq):
+            raise ValueError(
+                f"the clean cache's {name} has shape {shape}, but the corrupted inputs are [batch={batch}, pos={seq}]: "
+                "cache the clean run of the same prompts (same batch size, no pos_slice, no remove_batch_dim), "
+                "e.g. model.run_with_cache(clean_inputs), or pass the clean LlavaInputs."
+            )

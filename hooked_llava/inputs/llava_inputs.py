@@ -110,7 +110,8 @@ class LlavaInputs:
             self,
             input_ids=index(self.input_ids),
             attention_mask=index(self.attention_mask),
-            pixel_values=None if self.pixel_values is None else self.pixel_values[images],
+            # rows without images (the text rows of a mixed batch) keep no empty `[0, c, h, w]` pixel tensor
+            pixel_values=None if self.pixel_values is None or not images else self.pixel_values[images],
             question_mask=index(self.question_mask),
             boxes=per_row(self.boxes),
             texts=per_row(self.texts),
@@ -208,6 +209,8 @@ class LlavaInputs:
         if role_t.dtype == torch.bool:
             return role_t.expand_as(self.input_ids)
         m = torch.zeros_like(self.input_ids, dtype=torch.bool)
+        if role_t.ndim == 2:  # per-row positions `[batch, n]`: each row its own
+            return m.scatter(1, role_t.long(), True)
         m[:, role_t.long()] = True
         return m
 

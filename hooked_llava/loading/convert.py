@@ -57,7 +57,12 @@ class _Keys:
         t = self.sd[key]
         if shape is not None and tuple(t.shape) != shape:
             raise CheckpointError(f"{self.name}:{key!r} has shape {tuple(t.shape)}, expected {shape}.")
-        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+        if not t.is_floating_point():  # an int or bool weight would be cast silently and move every logit
+            raise CheckpointError(
+                f"{self.name}:{key!r} is stored as {t.dtype}, but it is a floating-point weight; the checkpoint "
+                "was written wrongly (re-save it in float16/bfloat16/float32)."
+            )
+        if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise CheckpointError(
                 f"{self.name}:{key!r} has {bad} non-finite value(s) (NaN or inf); the checkpoint is corrupt."

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from hooked_llava.loading import devices
+from hooked_llava.loading.agreement import check_processor
 from hooked_llava.loading.checkpoint_files import load_weights, read_json, regular_file, weight_files
 from hooked_llava.loading.convert import CheckpointError, convert
 from hooked_llava.loading.resolve import SHIPPED, resolve
@@ -226,5 +227,7 @@ class LoadingMixin:
         if device_map is not None:  # and a device map that does not fit it
             devices.plan_devices(cfgs, device_map)
         state = read_checkpoint(directory, allow_pickle)
-        processor = processor if processor is not None else _load_processor(directory)
+        if processor is None:
+            processor = _load_processor(directory)
+            check_processor(hf_config, processor, directory)  # the saved processor must fit config.json
         return cls._build(hf_config, state, _dtype(hf_config, dtype), device, processor, processing, device_map)

@@ -44,12 +44,14 @@ def _hooks_silenced(sae: Any) -> Iterator[None]:
             p._forward_hooks, p._backward_hooks = fwd, bwd
 
 
-class SAESplice(nn.Module):
+class SAESplice(HookPoint):
     """Stands in for a hook point: encodes and decodes its activation with an SAE.
 
     The SAE is kept out of the module tree (so hook names carry no `.sae.` infix); its hook
     points are registered here directly, except the error and output hooks, which this module
-    owns because it computes those values.
+    owns because it computes those values. The splice is itself a hook point under the replaced
+    hook's name: hooks there (a user's permanent hooks are carried over) see the SAE's output,
+    the value the model goes on with.
     """
 
     def __init__(self, sae: Any, use_error_term: bool, hook_name: str):
@@ -62,6 +64,9 @@ class SAESplice(nn.Module):
         self.hook_sae_output = HookPoint()
         self.use_error_term = use_error_term
         self.hook_name = hook_name
+
+    def __call__(self, x: Any) -> Any:
+        return nn.Module.__call__(self, x)  # always run the SAE (a plain HookPoint skips itself when idle)
 
     def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
         d_in = self.sae.cfg.d_in
@@ -76,6 +81,26 @@ class SAESplice(nn.Module):
                 clean = self.sae.decode(self.sae.encode(x.detach())).detach()
             out = out + self.hook_sae_error((x.detach() - clean).to(out.dtype))
         return self.hook_sae_output(out.to(x.dtype))
+
+
+# Where a module keeps its hooks (torch's dicts and TransformerLens' handles): moved as a whole, so the
+# handles a user holds still remove their hooks.
+_HOOK_STATE = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook",
+    "fwd_hooks", "bwd_hooks", "ctx",
+)  # fmt: skip
+# Hooks whose activation is not a `[..., d]` vector per position: no SAE reads them.
+_NOT_VECTORS = ("hook_pattern", "hook_attn_scores")
+
+
+def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """Give `dst` every hook `src` holds (permanent ones included) and leave `src` with none."""
+    fresh = HookPoint()
+    for attr in _HOOK_STATE:
+        if hasattr(src, attr):
+            setattr(dst, attr, getattr(src, attr))
+            setattr(src, attr, getattr(fresh, attr))
 
 
 def _get(obj: Any, path: str) -> Any:
@@ -123,18 +148,28 @@ class HookedSAELlava(HookedLlava):
             self._reset_sae(name)
             self.setup()
         checks.hook_name(name, self.hook_dict)
-        if not isinstance(_get(self, name), HookPoint):
+        point = _get(self, name)
+        if not isinstance(point, HookPoint):
             raise ValueError(f"{name!r} is an SAE's internal hook; attach SAEs to the model's own hook points.")
+        if name.endswith(_NOT_VECTORS):
+            raise ValueError(
+                f"{name!r} carries attention scores/patterns [batch, head, query, key], not one vector per "
+                "position: an SAE cannot read it. Attach it to hook_z, hook_attn_out or a residual hook instead."
+            )
+        if not self.hook_fires(name):  # the SAE would silently never run
+            raise ValueError(f"an SAE at {self._off_message(name)}")
         error = sae.use_error_term if use_error_term is None else use_error_term
         self._splices[name] = SAESplice(sae, bool(error), name)
+        _move_hooks(point, self._splices[name])  # the user's hooks at this point keep firing
         _set(self, name, self._splices[name])
         self.setup()
 
     def _reset_sae(self, name: str) -> None:
         if name not in self._splices:
             raise KeyError(f"no SAE is attached at {name!r}; attached: {sorted(self._splices) or 'none'}.")
-        _set(self, name, HookPoint())
-        del self._splices[name]
+        point = HookPoint()
+        _move_hooks(self._splices.pop(name), point)
+        _set(self, name, point)
 
     def reset_saes(self, act_names: str | list[str] | None = None) -> None:
         """Detach the SAEs at these hook names (all of them by default), restoring plain hook points."""
@@ -162,6 +197,7 @@ class HookedSAELlava(HookedLlava):
                 self._reset_sae(name)
             if previous is not None:
                 self._splices[name] = previous
+                _move_hooks(_get(self, name), previous)
                 _set(self, name, previous)
         self.setup()
 

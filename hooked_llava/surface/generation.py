@@ -3,6 +3,7 @@ prompt and the new tokens, as text for text input."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -45,14 +46,17 @@ def _sample(
     freq_penalty: float,
     tokens: Tensor,
     gen: Any,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """TransformerLens' `sample_logits`: temperature 0 is greedy; the frequency penalty subtracts
-    `freq_penalty` times each token's count so far (prompt included) after the temperature."""
+    `freq_penalty` times each token's count so far (prompt included, padding not) after the temperature."""
     if temperature == 0.0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if freq_penalty > 0:
-        logits = logits - freq_penalty * torch.zeros_like(logits).scatter_add_(1, tokens, torch.ones_like(logits))
+        real = torch.ones_like(tokens, dtype=logits.dtype) if mask is None else mask.to(logits.dtype)
+        counts = torch.zeros_like(logits).scatter_add_(1, tokens, real)  # [batch, d_vocab], any prompt length
+        logits = logits - freq_penalty * counts
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -62,6 +66,25 @@ def _sample(
         drop = cumulative - sorted_logits.softmax(-1) > top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=gen)[:, 0]
+
+
+def _check_sampling(max_new_tokens: Any, top_k: Any, top_p: Any, temperature: Any, freq_penalty: Any) -> None:
+    """Refuse what HF's `generate` refuses, naming the argument and its valid range."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise TypeError(f"max_new_tokens must be an integer 0 or more, got {max_new_tokens!r}.")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer (or None for no top-k filtering), got {top_k!r}.")
+    checks = (
+        ("top_p", top_p, 1.0, "a number in 0..1 (or None)"),
+        ("temperature", temperature, math.inf, "a finite number 0 or more (0 is greedy)"),
+        ("freq_penalty", freq_penalty, math.inf, "a finite number 0 or more"),
+    )
+    for name, value, high, valid in checks:
+        if value is None and name == "top_p":
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and 0.0 <= value <= high):
+            raise ValueError(f"{name} must be {valid}, got {value!r}.")
 
 
 class GenerationMixin:
@@ -116,8 +139,7 @@ class GenerationMixin:
         """
         if return_type not in ("input", "str", "tokens"):
             raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}.")
-        if freq_penalty < 0:
-            raise ValueError(f"freq_penalty must be non-negative, got {freq_penalty}.")
+        _check_sampling(max_new_tokens, top_k, top_p, temperature, freq_penalty)
         text_in = isinstance(input, str) or (isinstance(input, list) and bool(input) and isinstance(input[0], str))
         inputs = self._generation_inputs(input, pixel_values, attention_mask, image_sizes, prepend_bos, padding_side)
         max_new_tokens = _room(inputs.input_ids.shape[1], self.cfg.n_ctx, max_new_tokens)
@@ -137,7 +159,7 @@ class GenerationMixin:
                 x = self.run_blocks(self._embed_all(inputs, tokens), mask, seq.position_ids())  # type: ignore[attr-defined]
             logits = self.unembed(self.ln_final(x[:, -1:]))[:, 0].to(tokens.device)  # type: ignore[attr-defined]
             nxt = (
-                _sample(logits, temperature, top_k, top_p, freq_penalty, tokens, gen)
+                _sample(logits, temperature, top_k, top_p, freq_penalty, tokens, gen, mask)
                 if do_sample
                 else logits.argmax(-1)
             )

@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from transformer_lens import ActivationCache
-
 from hooked_llava.inputs import checks
 from hooked_llava.model.hook_points import allow_broadcasting_hooks
+from hooked_llava.surface.cache import LlavaActivationCache
 from hooked_llava.surface.locking import locked
 
 
@@ -26,12 +25,14 @@ class SurfaceMixin:
 
     @locked
     def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, **kwargs: Any) -> tuple[Any, Any]:
-        """`HookedRootModule.run_with_cache`, returning an `ActivationCache` bound to this model."""
+        """`HookedRootModule.run_with_cache`, returning an `ActivationCache` bound to this model (a
+        `LlavaActivationCache`, which warns when `logit_attrs` cannot be exact; see `surface.cache`)."""
         checks.names_filter(kwargs.get("names_filter"), self.hook_dict)
+        _check_pos_slice(kwargs.get("pos_slice"), model_args[0] if model_args else kwargs.get("input"))
         out, cache = super().run_with_cache(*model_args, **kwargs)  # type: ignore[misc]
         if not return_cache_object:
             return out, cache
-        return out, ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+        return out, LlavaActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
 
     def remove_all_hook_fns(
         self, direction: Literal["fwd", "bwd", "both"] = "both", including_permanent: bool = False, level: Any = None
@@ -57,3 +58,17 @@ class SurfaceMixin:
     def hook_names(self) -> Sequence[str]:
         """All hook names, in module order (the order they fire in a forward pass)."""
         return list(self.hook_dict)
+
+
+def _check_pos_slice(pos_slice: Any, input: Any) -> None:
+    """An integer `pos_slice` (or list of them) must index the input's positions: name the valid range."""
+    shape = getattr(input, "shape", None)
+    if pos_slice is None or isinstance(pos_slice, (slice, tuple)) or shape is None or len(shape) != 2:
+        return
+    values = pos_slice if isinstance(pos_slice, list) else [pos_slice]
+    seq = int(shape[-1])
+    for value in values:
+        if isinstance(value, int) and not -seq <= value < seq:
+            raise IndexError(
+                f"pos_slice {value} is out of range: the input has positions 0..{seq - 1} (or -{seq}..-1 from the end)."
+            )
