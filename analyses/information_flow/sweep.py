@@ -269,7 +269,8 @@ def run_sweep(
 
 
 def collect(out_dir: str | Path, ids: list[str] | None = None) -> dict[str, pd.DataFrame]:
-    """Gather the per-example files of a sweep into tables, in example order (finished ones only).
+    """Gather the per-example files of a sweep into tables, in example order: the finished ones whose
+    tables are intact and were computed with the folder's settings (others are left out, with a warning).
 
     Example:
         >>> collect("runs/shapes")["examples"]  # what a sweep has finished so far
@@ -278,10 +279,13 @@ def collect(out_dir: str | Path, ids: list[str] | None = None) -> dict[str, pd.D
     if ids is None:
         ids = sorted(p.name[: -len(KEY)] for p in done_dir.glob(f"*{KEY}")) if done_dir.is_dir() else []
     parts: dict[str, list[pd.DataFrame]] = {name: [] for name in TABLES}
+    settings = _folder_digest(Path(out_dir))
     for i in ids:
         if id_problem(i):
             continue
         stored, why = _stored(done_dir, i)
+        if stored is not None and settings is not None and stored.get("settings") != settings:
+            stored, why = None, "was computed with other settings than the folder's"
         if stored is None:
             if why:
                 warnings.warn(f"example {i} {why}: left out (a resumed sweep recomputes it).", stacklevel=2)
@@ -289,6 +293,14 @@ def collect(out_dir: str | Path, ids: list[str] | None = None) -> dict[str, pd.D
         for name in stored["tables"]:
             parts[name].append(pd.read_csv(done_dir / f"{i}.{name}.csv"))
     return {name: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame() for name, frames in parts.items()}
+
+
+def _folder_digest(out: Path) -> str | None:
+    """The digest of the folder's settings.json, None when it cannot be read."""
+    try:
+        return settings_digest(json.loads((out / "settings.json").read_bytes()))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def summary_table(knockout: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:

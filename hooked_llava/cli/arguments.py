@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,8 @@ def check_out(out: str, what: str = "the report") -> bool:
         raise UsageError(f"--out {out} is a file, not a folder: give a folder for {what}.")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".hooked-llava-write-check"
-        probe.write_text("")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".hooked-llava-write-check."):
+            pass  # a name of its own: two runs checking one folder at once do not remove each other's probe
     except OSError as err:
         raise UsageError(f"--out {out}: cannot write there ({err.strerror or err}); choose another folder.") from err
     return (path / "report.html").exists()
