@@ -65,7 +65,7 @@ def _records(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         raise GQAFileError(f"{csv_path}: cannot read it ({reason}); give a UTF-8 CSV file.") from err
-    reader = csv.reader(text.splitlines(keepends=True))
+    reader = csv.reader(text.splitlines(keepends=True), strict=True)
     records, start = [], 1
     try:
         for record in reader:
@@ -153,21 +153,22 @@ def _check_row(row: dict[str, str], image_dir: Path, where: str) -> tuple[Path, 
     return path, _box(row, where)
 
 
-def _rows(csv_path: Path, bad_rows: list[dict[str, str]] | None) -> list[tuple[int, dict[str, str]]]:
-    """The records as rows by column; one with a wrong number of fields is a bad row."""
+Row = tuple[int, str, "dict[str, str] | GQAFormatError"]  # line, question id, the row by column or its error
+
+
+def _rows(csv_path: Path) -> list[Row]:
+    """The records as rows by column, in file order; one with a wrong number of fields is its error."""
     header, records = _records(csv_path)
     _check_header(header, csv_path)
-    rows = []
+    rows: list[Row] = []
+    at = header.index("question_id")
     for line, record in records:
-        if len(record) != len(header):
-            qid = record[header.index("question_id")].strip() if len(record) > header.index("question_id") else ""
-            origin = f"{csv_path}, line {line} (question_id {qid or '(none)'})"
-            error = GQAFormatError(f"{origin}: {len(record)} fields where the header has {len(header)}.")
-            if bad_rows is None:
-                raise error
-            bad_rows.append({"id": qid, "origin": origin, "error": str(error)})
+        qid = record[at].strip() if len(record) > at else ""
+        if len(record) == len(header):
+            rows.append((line, qid, dict(zip(header, record, strict=True))))
             continue
-        rows.append((line, dict(zip(header, record, strict=True))))
+        origin = f"{csv_path}, line {line} (question_id {qid or '(empty)'})"
+        rows.append((line, qid, GQAFormatError(f"{origin}: {len(record)} fields where the header has {len(header)}.")))
     return rows
 
 
@@ -195,21 +196,24 @@ def read_gqa(csv_path: str | Path, image_dir: str | Path, bad_rows: list[dict[st
         >>> read_gqa("GQA_task_ChooseAttr.csv", "imgs").box[0]  # (0.0, 0.0, 8.0, 8.0)
     """
     csv_path, image_dir = Path(csv_path), Path(image_dir)
-    rows = _rows(csv_path, bad_rows)
-    _check_unique(rows, csv_path)
+    rows = _rows(csv_path)
+    _check_unique([(line, row) for line, _, row in rows if isinstance(row, dict)], csv_path)
     keep = []
-    for line, row in rows:
-        origin = f"{csv_path}, line {line} (question_id {row['question_id'].strip() or '(empty)'})"
+    for line, qid, row in rows:
+        origin = f"{csv_path}, line {line} (question_id {qid or '(empty)'})"
         try:
+            if isinstance(row, GQAFormatError):
+                raise row
             path, box = _check_row(row, image_dir, origin)
         except GQAFormatError as err:
             if bad_rows is None:
                 raise
-            bad_rows.append({"id": row["question_id"].strip(), "origin": origin, "error": str(err)})
+            bad_rows.append({"id": qid, "origin": origin, "error": str(err)})
             continue
         stripped = {c: row[c].strip() for c in ("question_id", "img_id", "question", "answer")}
         keep.append({**row, **stripped, "image_path": path, "box": box, "origin": origin})
-    return pd.DataFrame(keep, columns=[*rows[0][1], "image_path", "box", "origin"] if rows else None)
+    columns = next((list(row) for _, _, row in rows if isinstance(row, dict)), [])
+    return pd.DataFrame(keep, columns=[*columns, "image_path", "box", "origin"])
 
 
 def gqa_examples(
