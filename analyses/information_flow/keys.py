@@ -167,7 +167,11 @@ def claim_folder(out_dir: str | Path, settings: Mapping[str, Any], force: bool =
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write `path` through a temporary file of a name no other writer uses, then rename it into place."""
+    """Write `path` through a temporary file of a name no other writer uses, then rename it into place.
+
+    Example:
+        >>> write_atomic(Path("settings.json"), "{}")  # readers see the old file or the new one, never a part
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as file:

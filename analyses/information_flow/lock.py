@@ -57,8 +57,9 @@ def sweep_lock(out_dir: str | Path) -> Iterator[Path]:
     """Hold `out_dir` for one sweep; `SweepLockedError` at once if another sweep holds it.
 
     Example:
-        >>> with sweep_lock("runs/shapes"):
-        ...     run_sweep(model, examples, "runs/shapes")  # run_sweep takes the lock itself too
+        >>> with sweep_lock("runs/demo") as folder:  # run_sweep takes it itself; the CLI holds it around the tables
+        ...     (folder / "notes.txt").write_text("only this run writes here")
+        25
     """
     out = Path(out_dir)
     key = (str(out.resolve()), threading.get_ident())

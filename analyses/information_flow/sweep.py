@@ -172,7 +172,7 @@ def check_sweep_arguments(flows: list[str], window: int) -> None:
     """Refuse unknown flows or roles and a window below 1 (before a folder records them).
 
     Example:
-        >>> check_sweep_arguments(["image->lats"], 9)  # ValueError: ... unknown role 'lats' ...
+        >>> check_sweep_arguments(["image->last", "question->last"], 9)  # ["image->lats"]: ValueError naming 'lats'
     """
     from analyses import ranges
     from analyses.information_flow.flows import resolve_flows

@@ -23,7 +23,9 @@ def open_image(path: str | Path) -> Any:
     of an animation); `prepare` scales it. PIL's errors (OSError, ValueError) pass through.
 
     Example:
-        >>> inputs = model.prepare(images=[open_image("scan-16bit.png")], questions=["What is it?"])
+        >>> from PIL import Image
+        >>> Image.fromarray(np.full((32, 32), 40000, np.uint16)).save("scan-16bit.png")
+        >>> open_image("scan-16bit.png").mode  # 'I;16' (or 'I'): prepare scales it by 1/257
     """
     from PIL import Image
 
@@ -43,6 +45,7 @@ def to_byte_range(image: Any, index: int = 0) -> Any:
     so a processor that does not convert never reads palette indices as pixel values.
 
     Example:
+        >>> from PIL import Image
         >>> to_byte_range(Image.fromarray(np.full((4, 4), 65535, np.uint16))).getpixel((0, 0))
         255
     """
