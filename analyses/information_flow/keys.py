@@ -7,9 +7,12 @@ about where the examples come from (the CLI records the Shapes seed). They are w
 `SettingsChangedError` that names each changed setting (use a new folder, or `force=True` /
 `--force` to discard the old results).
 
-Each finished example also stores the key of its *content* (`example_key`: category, prompt,
-answer, boxes and a hash of the image bytes). A rerun whose example of the same id has other
-content recomputes that example.
+Each finished example also stores, in its key file (written after its tables), the key of its
+*content* (`example_key`: category, prompt, answer, boxes and a hash of the image bytes), the
+digest of the settings (`settings_digest`) and the digest of each of its tables. A rerun recomputes
+an example whose content changed, whose settings are not the folder's, or whose files are missing,
+truncated or unreadable. A `settings.json` that cannot be read is a `SweepFolderError` (`--force`
+starts over). Every file is written through a temporary file of its own name (`write_atomic`).
 """
 
 from __future__ import annotations
