@@ -1,7 +1,7 @@
 """GQA task files: every malformed row is a bad row (skipped and listed with --skip-bad-rows, a one-line
 error naming it without), a file that cannot be used is a one-line error. Image files: 16-bit, float
 and paletted images reach the model with the pixels `prepare` gives them, through `--image`, `prepare`
-and a sweep's image folder, checked against pixels computed by hand."""
+and a sweep's image folder (and figures draw that picture), checked against pixels computed by hand."""
 
 from __future__ import annotations
 
@@ -207,3 +207,10 @@ def test_an_image_prepare_cannot_scale_is_one_line_before_loading(tmp_path, monk
     assert cli.main(["explain", "--image", str(tmp_path / "negative.tiff"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "values outside 0-65535" in err
+
+
+def test_figures_draw_the_picture_the_model_is_shown(tmp_path):
+    from analyses.plotting.figures import processed_image
+
+    for path, expected in _images(tmp_path):
+        np.testing.assert_array_equal(processed_image(Image.open(path), size=32), processed_image(expected, size=32))

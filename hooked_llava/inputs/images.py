@@ -5,6 +5,7 @@ the HF image processor then makes them RGB, compositing transparency onto white)
 an image file into memory without converting it, so a 16-bit, float or paletted file reaches
 `prepare` as it is and is scaled there: the CLI's `--image` and the sweeps' image folders use it,
 and a file fed through any path gives the model the same pixels as `prepare(Image.open(file))`.
+`to_rgb` gives the picture the model is shown, for figures that draw the original image.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def to_byte_range(image: Any, index: int = 0) -> Any:
     if not isinstance(mode, str):
         return _array_to_byte_range(image, index)
     if mode in ("P", "PA"):
-        return _palette_to_rgb(image)
+        return _composite_rgb(image)
     if not (mode.startswith("I;16") or mode in ("I", "F")):
         return image
     from PIL import Image
@@ -83,8 +84,24 @@ def _array_to_byte_range(image: Any, index: int) -> Any:
     return image * 255 if hi <= 1 else image
 
 
-def _palette_to_rgb(image: Any) -> Any:
-    """HF's `convert_to_rgb` for a paletted image: onto white where it is transparent."""
+def to_rgb(image: Any) -> Any:
+    """A PIL image as the RGB picture the model is shown (before resizing): `to_byte_range`, then RGB as
+    the HF image processor makes it (transparency composited onto white). For drawing an image beside
+    what the model made of it.
+
+    Example:
+        >>> from PIL import Image
+        >>> to_rgb(Image.fromarray(np.full((4, 4), 65535, np.uint16))).getpixel((0, 0))
+        (255, 255, 255)
+    """
+    image = to_byte_range(image)
+    if image.mode == "RGB":
+        return image
+    return _composite_rgb(image)
+
+
+def _composite_rgb(image: Any) -> Any:
+    """HF's `convert_to_rgb`: RGB, with any transparency composited onto white."""
     from PIL import Image
 
     if "A" not in image.getbands() and image.info.get("transparency") is None:
