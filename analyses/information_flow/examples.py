@@ -97,6 +97,29 @@ def _guarded(what: str, ex: SweepExample, read: Callable[[], Any]) -> Any:
         raise BadExampleError(f"{ex.origin or ex.id}: the image could not be read for its {what} ({err}).") from err
 
 
+MAX_ID = 150  # characters: the id names files "{id}.knockout.csv" (255 bytes at most on common file systems)
+
+
+def id_problem(ex_id: Any) -> str:
+    """Why `ex_id` cannot name an example's files ("" when it can): empty, a path separator, a control
+    character, a leading dot or space (hidden files, temporary files), or too long.
+
+    Example:
+        >>> id_problem("ChooseAttr-201307251"), id_problem("a/b")
+        ('', "it holds '/'")
+    """
+    if not isinstance(ex_id, str) or not ex_id.strip():
+        return "it is empty"
+    bad = next((c for c in ex_id if c in "/\\" or ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        return f"it holds {bad!r}"
+    if ex_id[0] in ". " or ex_id[-1] == " ":
+        return "it starts with a dot or a space, or ends with a space"
+    if len(ex_id.encode()) > MAX_ID:
+        return f"it is longer than {MAX_ID} bytes"
+    return ""
+
+
 def _check_ids(examples: list[SweepExample]) -> None:
     seen: dict[str, list[str]] = {}
     for ex in examples:

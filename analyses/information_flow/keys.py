@@ -7,9 +7,12 @@ about where the examples come from (the CLI records the Shapes seed). They are w
 `SettingsChangedError` that names each changed setting (use a new folder, or `force=True` /
 `--force` to discard the old results).
 
-Each finished example also stores the key of its *content* (`example_key`: category, prompt,
-answer, boxes and a hash of the image bytes). A rerun whose example of the same id has other
-content recomputes that example.
+Each finished example also stores, in its key file (written after its tables), the key of its
+*content* (`example_key`: category, prompt, answer, boxes and a hash of the image bytes), the
+digest of the settings (`settings_digest`) and the digest of each of its tables. A rerun recomputes
+an example whose content changed, whose settings are not the folder's, or whose files are missing,
+truncated or unreadable. A `settings.json` that cannot be read is a `SweepFolderError` (`--force`
+starts over). Every file is written through a temporary file of its own name (`write_atomic`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,14 +31,19 @@ import torch
 
 from hooked_llava import HookedLlava
 
-# Bump when the per-example files change meaning or columns (2: rel_change_pct, content keys).
-FORMAT = 2
+# Bump when the per-example files change meaning or columns (2: rel_change_pct, content keys; 3: the key file
+# is written last and holds the settings' digest and each table's digest).
+FORMAT = 3
 # The metric the sweep records: the answer's first token at the last position (study B, METHODS.md §3).
 METRIC = "p(answer first token) at last position; rel_change_pct, delta_log_prob"
 SAMPLES = 64  # values hashed per weight tensor
 
 
-class SettingsChangedError(ValueError):
+class SweepFolderError(ValueError):
+    """A sweep folder cannot be used as asked (in use, other settings, damaged `settings.json`)."""
+
+
+class SettingsChangedError(SweepFolderError):
     """A sweep folder holds results computed with other settings; the message names them."""
 
 
@@ -97,6 +106,33 @@ def example_key(ex: Any) -> dict[str, Any]:
             "image": image_digest(ex.image)}  # fmt: skip
 
 
+def settings_digest(settings: Mapping[str, Any]) -> str:
+    """A short hash of a sweep's settings, stored with each finished example.
+
+    Example:
+        >>> settings_digest({"window": 9}) == settings_digest({"window": 9})
+        True
+    """
+    return _sha(json.dumps(json.loads(json.dumps(dict(settings))), sort_keys=True).encode())
+
+
+def _read_settings(path: Path, out: Path) -> Any:
+    try:
+        old = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        reason = err.strerror if isinstance(err, OSError) else f"not valid JSON: {err}"
+        old = f"unreadable ({reason})"
+    if not isinstance(old, dict):
+        raise SweepFolderError(
+            f"{path} is damaged ({old if isinstance(old, str) else 'not a JSON object'}), so the results in {out} "
+            "cannot be matched to their settings: use --force (force=True) to delete them and recompute, or a new "
+            "--out folder."
+        )
+    return old
+
+
 def _changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     keys = list(new) + [k for k in old if k not in new]
     return [f"{k}: {old.get(k, '(not recorded)')!r} → {new.get(k, '(not given)')!r}" for k in keys
@@ -114,16 +150,36 @@ def claim_folder(out_dir: str | Path, settings: Mapping[str, Any], force: bool =
     out = Path(out_dir)
     path, done = out / "settings.json", out / "examples"
     has_results = done.exists() and any(done.iterdir())  # a folder without results has nothing to protect
-    old = (json.loads(path.read_text()) if path.exists() else {}) if has_results else None
     settings = json.loads(json.dumps(dict(settings)))  # as JSON will read it back (tuples become lists)
-    if old is not None and old != settings:
-        if not force:
-            raise SettingsChangedError(
-                f"{out} holds sweep results computed with other settings ({'; '.join(_changes(old, settings))}). "
-                "Use a new --out folder, or --force (force=True) to delete those results and recompute."
-            )
-        shutil.rmtree(done, ignore_errors=True)
+    if has_results:
+        try:
+            old = _read_settings(path, out)
+        except SweepFolderError:
+            if not force:
+                raise
+            old = None
+        if old != settings:
+            if not force:
+                raise SettingsChangedError(
+                    f"{out} holds sweep results computed with other settings ({'; '.join(_changes(old, settings))})."
+                    " Use a new --out folder, or --force (force=True) to delete those results and recompute."
+                )
+            shutil.rmtree(done, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(settings, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(settings, indent=1, sort_keys=True))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `path` through a temporary file of a name no other writer uses, then rename it into place.
+
+    Example:
+        >>> write_atomic(Path("settings.json"), "{}")  # readers see the old file or the new one, never a part
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

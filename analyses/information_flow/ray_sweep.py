@@ -2,10 +2,11 @@
 
 Each actor loads its own copy of the model from the name or path the driver was given (and the
 same `from_pretrained` arguments) on its own device: one GPU per actor where the cluster has GPUs,
-the CPU otherwise. The driver keeps the store: it claims the folder (`settings.json`, with the
-fingerprint the actors report), skips finished examples, hands the others out, and writes every
-result that comes back with the same atomic writes as the single-process sweep. A cluster run
-therefore resumes a local one and the other way round, and the tables are identical.
+the CPU otherwise. The driver keeps the store: it takes the folder's lock (as `run_sweep` does),
+claims the folder (`settings.json`, with the fingerprint the actors report), skips finished
+examples, hands the others out, and writes every result that comes back with the same atomic
+writes as the single-process sweep. A cluster run therefore resumes a local one and the other way
+round, and the tables are identical.
 
 Faults lose nothing. An actor that dies (killed, out of memory) is restarted by Ray; the examples it
 held are handed out again (a result is stored once, when it arrives, so none is counted twice). An
@@ -31,9 +32,19 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from analyses.information_flow.examples import BadExampleError, SweepExample, _check_ids, _guarded
-from analyses.information_flow.keys import claim_folder, example_key
-from analyses.information_flow.sweep import DEFAULT_FLOWS, _compute, _is_done, _store, collect, sweep_settings
+from analyses.information_flow.examples import BadExampleError, SweepExample, _check_ids
+from analyses.information_flow.keys import claim_folder, settings_digest
+from analyses.information_flow.lock import sweep_lock
+from analyses.information_flow.sweep import (
+    DEFAULT_FLOWS,
+    _compute,
+    _is_done,
+    _key,
+    _store,
+    check_sweep_arguments,
+    collect,
+    sweep_settings,
+)
 
 __all__ = ["DEPTH", "MAX_ATTEMPTS", "PROBE_S", "WAIT_S", "RaySweepPool", "run_sweep_ray"]
 
@@ -165,23 +176,23 @@ class RaySweepPool:
         """`run_sweep` on the actors: same arguments (but the model), same store, same tables.
         `bad_rows` are listed in example order; without it, the first bad example raises
         `BadExampleError` once the examples in flight are stored."""
-        from analyses.information_flow.flows import resolve_flows
-
         examples, flows = list(examples), list(flows or DEFAULT_FLOWS)
-        resolve_flows(flows)
+        check_sweep_arguments(flows, window)
         _check_ids(examples)
-        claim_folder(out_dir, self.settings(flows, window, lens, data), force)
-        done_dir = Path(out_dir) / "examples"
-        done_dir.mkdir(parents=True, exist_ok=True)
-        bad: dict[str, dict[str, str]] = {}
-        todo = _todo(examples, done_dir, bad, bad_rows is not None)
-        run = _Run(self, done_dir, (flows, window, lens), on_example, bad, stop_on_bad=bad_rows is None)
-        with tqdm(total=len(examples), initial=len(examples) - len(todo), desc="sweep (ray)",
-                  disable=not progress) as bar:  # fmt: skip
-            run.go(todo, bar)
-        if bad_rows is not None:
-            bad_rows.extend(bad[ex.id] for ex in examples if ex.id in bad)
-        return collect(out_dir, [ex.id for ex in examples])
+        with sweep_lock(out_dir):  # the same lock as run_sweep: one sweep per folder
+            settings = self.settings(flows, window, lens, data)
+            claim_folder(out_dir, settings, force)
+            done_dir = Path(out_dir) / "examples"
+            done_dir.mkdir(parents=True, exist_ok=True)
+            bad: dict[str, dict[str, str]] = {}
+            todo = _todo(examples, done_dir, settings_digest(settings), bad, bad_rows is not None)
+            run = _Run(self, done_dir, (flows, window, lens), on_example, bad, stop_on_bad=bad_rows is None)
+            with tqdm(total=len(examples), initial=len(examples) - len(todo), desc="sweep (ray)",
+                      disable=not progress) as bar:  # fmt: skip
+                run.go(todo, bar)
+            if bad_rows is not None:
+                bad_rows.extend(bad[ex.id] for ex in examples if ex.id in bad)
+            return collect(out_dir, [ex.id for ex in examples])
 
 
 def run_sweep_ray(model: str | Path, examples: Iterable[SweepExample], out_dir: str | Path, *,
@@ -201,13 +212,15 @@ def run_sweep_ray(model: str | Path, examples: Iterable[SweepExample], out_dir: 
 # --- the driver's loop: hand out examples, store results, requeue what a dead actor held -----------------------
 
 
-def _todo(examples: list[SweepExample], done_dir: Path, bad: dict, skip_bad: bool) -> list[tuple[SweepExample, dict]]:
-    """The unfinished examples with their content keys (the driver reads what keys need)."""
+def _todo(examples: list[SweepExample], done_dir: Path, settings: str, bad: dict,
+          skip_bad: bool) -> list[tuple[SweepExample, dict]]:  # fmt: skip
+    """The unfinished examples with their keys (the driver reads what keys need)."""
     todo = []
     for ex in examples:
         try:
-            if not _is_done(done_dir, ex):
-                todo.append((ex, _guarded("key", ex, lambda ex=ex: example_key(ex))))
+            key = _key(ex, settings)
+            if not _is_done(done_dir, ex, key):
+                todo.append((ex, key))
         except BadExampleError as err:
             if not skip_bad:
                 raise

@@ -26,6 +26,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from hooked_llava import LlavaInputs
+from hooked_llava.inputs.images import to_rgb
 
 # The OpenAI CLIP normalisation that LLaVA-1.5's image processor uses.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -144,7 +145,7 @@ def processed_image(
         return pixels.permute(1, 2, 0).clamp(0, 1).numpy()
     from PIL import Image
 
-    image = image.convert("RGB")
+    image = to_rgb(image)  # as the model is shown it: 16-bit, float and paletted images scaled as prepare does
     side = size or min(image.size)
     scale = side / min(image.size)
     w, h = round(image.width * scale), round(image.height * scale)
@@ -228,7 +229,7 @@ def plot_anyres_maps(
     """
     kinds = [k for k in ("base", "highres") if (inputs.image_map().kind == k).any()]
     fig = Figure(figsize=(4.2 * len(kinds), 4.0), layout="constrained")
-    pixels = np.asarray(image.convert("RGB"))
+    pixels = np.asarray(to_rgb(image))
     for k, kind in enumerate(kinds):
         ax = fig.add_subplot(1, len(kinds), k + 1)
         ax.imshow(pixels)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,29 +24,35 @@ class UsageError(Exception):
 
 
 def check_image(path: str) -> Any:
-    """The image at `path` as RGB, or a `UsageError` saying why it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+    """The image at `path`, unconverted (`prepare` scales 16-bit, float and paletted images, as for any
+    image), or a `UsageError` saying why it cannot be read or scaled."""
+    from PIL import UnidentifiedImageError
+
+    from hooked_llava.inputs.images import open_image, to_byte_range
 
     file = Path(path)
     if not file.is_file():
         raise UsageError(f"--image {path}: no such file.")
     try:
-        with Image.open(file) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
+        image = open_image(file)
+    except (OSError, UnidentifiedImageError, ValueError) as err:
         raise UsageError(f"--image {path}: not an image PIL can read ({type(err).__name__}).") from err
+    try:
+        to_byte_range(image)  # what prepare will do: an image it cannot scale is refused before the model loads
+    except ValueError as err:
+        raise UsageError(f"--image {path}: {err}") from err
+    return image
 
 
-def check_out(out: str) -> bool:
+def check_out(out: str, what: str = "the report") -> bool:
     """Make sure the output folder can be written; True when it already holds a report."""
     path = Path(out)
     if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder: give a folder for the report.")
+        raise UsageError(f"--out {out} is a file, not a folder: give a folder for {what}.")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".hooked-llava-write-check"
-        probe.write_text("")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".hooked-llava-write-check."):
+            pass  # a name of its own: two runs checking one folder at once do not remove each other's probe
     except OSError as err:
         raise UsageError(f"--out {out}: cannot write there ({err.strerror or err}); choose another folder.") from err
     return (path / "report.html").exists()

@@ -2,6 +2,8 @@
 
 - `llava_inputs.py`: `LlavaInputs` (token ids, pixels, masks; `positions`, `patch_rc`, `image_map`).
 - `processing.py`: `prepare`, images and prompts through the checkpoint's HF processor.
+- `images.py`: the one conversion of pixels to the processor's 0-255 scale (`to_byte_range`), and
+  `open_image`, which reads a file without converting it.
 - `prompts.py`: questions into prompts with the model's chat template; unknown-word errors.
 - `geometry.py`: pixel boxes to patches, and the position map of image tokens.
 - `checks.py`: input validation with messages that say how to fix the input.

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from hooked_llava.inputs import checks
 from hooked_llava.inputs.geometry import Box
+from hooked_llava.inputs.images import to_byte_range
 from hooked_llava.inputs.llava_inputs import LlavaInputs, question_spans
 from hooked_llava.inputs.prompts import check_known_words, format_questions
 from hooked_llava.model import next as next_
@@ -59,47 +58,7 @@ def _images(images: Any, prompts: list[str], image_token: str) -> list[Any] | No
             f"the prompts contain {n_expected} {image_token!r} placeholder(s) but {n_given} image(s) were given; "
             f"put one {image_token!r} in the prompt for each image."
         )
-    return [_to_byte_range(im, i) for i, im in enumerate(images)] if images else None
-
-
-def _to_byte_range(image: Any, index: int) -> Any:
-    """An image on the 0-255 scale the HF image processor assumes (it multiplies by 1/255).
-
-    16-bit images (PIL modes "I;16*", PIL "I" with values above 255, uint16 arrays) are scaled by
-    1/257 instead of being clipped to white; float arrays, tensors and PIL "F" images whose values all
-    lie in [0, 1] are taken as already rescaled and multiplied by 255, so they are not rescaled twice.
-    Float images outside [0, 255] or with NaN/inf (already normalised?) are refused.
-    """
-    mode = getattr(image, "mode", None)  # PIL images only (tensors have a `mode` method)
-    if not isinstance(mode, str):
-        return _array_to_byte_range(image, index)
-    if not (mode.startswith("I;16") or mode in ("I", "F")):
-        return image
-    from PIL import Image
-
-    values = np.asarray(image)
-    if mode == "I" and values.max(initial=0) <= 255 and values.min(initial=0) >= 0:
-        return image.convert("L")
-    if mode != "F" and (values.min(initial=0) < 0 or values.max(initial=0) > 65535):
-        raise ValueError(f"image {index} (PIL mode {mode!r}) holds values outside 0-65535; convert it to 8 bits.")
-    scaled = _array_to_byte_range(values.astype(np.float64) / (1 if mode == "F" else 257), index)
-    return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
-
-
-def _array_to_byte_range(image: Any, index: int) -> Any:
-    dtype = getattr(image, "dtype", None)
-    if dtype in (np.uint16, torch.uint16):
-        return image / 257
-    floating = image.is_floating_point() if isinstance(image, Tensor) else np.issubdtype(dtype, np.floating)
-    if not floating:
-        return image
-    lo, hi = float(image.min()), float(image.max())
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0 or hi > 255:
-        raise ValueError(
-            f"image {index} is a float image with values from {lo} to {hi}; expected raw pixels in [0, 1] or "
-            "[0, 255] (no NaN or inf). If it is already normalised, pass it as pixel_values= instead."
-        )
-    return image * 255 if hi <= 1 else image
+    return [to_byte_range(im, i) for i, im in enumerate(images)] if images else None
 
 
 def _no_images(model: HookedLlava, images: Any) -> None:
