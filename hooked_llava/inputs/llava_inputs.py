@@ -50,6 +50,10 @@ class LlavaInputs:
             objects the question is about ("related" patches).
         image_sizes: per image, the original `(height, width)`.
         crop: `(resize_shortest_edge, crop_size)` of the image processor.
+        token_tables: per image or video, in order of appearance, each token's kind, tile, cell and box.
+        pixel_values_videos: OneVision videos `[n_videos, frames, channels, h, w]`; their positions are
+            "image" positions too (the visual role), told apart by `placeholder_mask("video")`.
+        batch_num_images: OneVision: how many images each prompt with images holds.
     """
 
     input_ids: Int[Tensor, "batch pos"]
@@ -64,7 +68,10 @@ class LlavaInputs:
     image_sizes: list[tuple[int, int]] | None = None
     crop: tuple[int, int] | None = None
     texts: list[str] | None = field(default=None, repr=False)
-    token_tables: list[list[tuple]] | None = field(default=None, repr=False)  # LLaVA-NeXT, see `image_map`
+    token_tables: list[list[tuple]] | None = field(default=None, repr=False)  # NeXT/OneVision, see `image_map`
+    pixel_values_videos: Tensor | None = None  # OneVision: [n_videos, frames, channel, h, w]
+    video_token_id: int | None = None
+    batch_num_images: list[int] | None = None  # OneVision: images per prompt (prompts with images only, as HF)
 
     # --- shapes and moving -----------------------------------------------------------------
     @property
@@ -83,6 +90,7 @@ class LlavaInputs:
             attention_mask=move(self.attention_mask),
             pixel_values=move(self.pixel_values),
             question_mask=move(self.question_mask),
+            pixel_values_videos=move(self.pixel_values_videos),
         )
 
     def with_pixels(self, pixel_values: Tensor) -> LlavaInputs:
@@ -98,6 +106,11 @@ class LlavaInputs:
     def __getitem__(self, rows: int | slice | list[int] | Tensor) -> LlavaInputs:
         """Select batch rows with their images: an int, a slice, or a list/tensor of rows in any
         order, repeats allowed (e.g. to run several configurations of one example as a batch)."""
+        if self.pixel_values_videos is not None or self.batch_num_images is not None:
+            raise NotImplementedError(
+                "selecting rows of OneVision inputs (videos, images per prompt) is not supported yet; "
+                "prepare the rows you need with model.prepare."
+            )
         if isinstance(rows, int):
             rows = [rows]
         picked = list(range(len(self))[rows]) if isinstance(rows, slice) else torch.as_tensor(rows).reshape(-1).tolist()
@@ -121,9 +134,16 @@ class LlavaInputs:
     # --- roles ---------------------------------------------------------------------------
     @property
     def image_mask(self) -> Bool[Tensor, "batch pos"]:
-        if self.image_token_id is None:
+        """Every visual position: image placeholders, and OneVision's video placeholders."""
+        mask = self.placeholder_mask("image")
+        return mask | self.placeholder_mask("video") if self.video_token_id is not None else mask
+
+    def placeholder_mask(self, kind: str = "image") -> Bool[Tensor, "batch pos"]:
+        """Real positions holding the `kind` ("image" or "video") placeholder."""
+        token_id = {"image": self.image_token_id, "video": self.video_token_id}[kind]
+        if token_id is None:
             return torch.zeros_like(self.input_ids, dtype=torch.bool)
-        return (self.input_ids == self.image_token_id) & self.attention_mask.bool()
+        return (self.input_ids == token_id) & self.attention_mask.bool()
 
     @property
     def last(self) -> Int[Tensor, " batch"]:

@@ -14,6 +14,7 @@ from hooked_llava.inputs.geometry import Box
 from hooked_llava.inputs.llava_inputs import LlavaInputs, question_spans
 from hooked_llava.inputs.prompts import check_known_words, format_questions
 from hooked_llava.model import next as next_
+from hooked_llava.model import onevision
 
 if TYPE_CHECKING:
     from hooked_llava.model.hooked_llava import HookedLlava
@@ -31,12 +32,26 @@ def wrap_ids(
         raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(ids.shape)}.")
     vision = model.vision.cfg if model.vision is not None else None
     tiled = model.cfgs.pinpoints is not None
+    video_sizes = extra.pop("video_sizes", None)
     if pixel_values is not None and vision is not None:
         checks.pixel_values(pixel_values, vision, model.W_E.dtype, tiles=tiled)
         if tiled:
             sizes = checks.image_sizes(extra.get("image_sizes"), pixel_values.shape[0])
-            layouts = model.layouts(sizes)
-            extra.update(image_sizes=sizes, token_tables=[next_.token_table(lay, vision.patch_size) for lay in layouts])
+            counts = extra.get("batch_num_images")
+            if counts is not None:
+                counts = [int(n) for n in (counts.tolist() if isinstance(counts, Tensor) else counts)]
+                extra["batch_num_images"] = counts
+            layouts = model.layouts(sizes, counts)
+            table = next_.token_table if model.cfgs.packing == "next" else onevision.token_table
+            extra.update(image_sizes=sizes, token_tables=[table(lay, vision.patch_size) for lay in layouts])
+    if model.cfgs.packing == "onevision":
+        extra["video_token_id"] = model.cfgs.video_token_id
+        videos = extra.get("pixel_values_videos")
+        if videos is not None and vision is not None:
+            checks.video_pixels(videos, vision, "onevision")
+            sizes = video_sizes or [(vision.image_size, vision.image_size)] * videos.shape[0]
+            tables = [onevision.video_table(videos.shape[1], vision.grid_size, tuple(s)) for s in sizes]
+            extra["token_tables"] = _in_order(ids, mask, model, extra.get("token_tables") or [], tables)
     return LlavaInputs(
         input_ids=ids,
         attention_mask=mask.long(),
@@ -47,6 +62,22 @@ def wrap_ids(
         has_cls=bool(vision and vision.select_strategy == "full"),
         **extra,
     )
+
+
+def _in_order(ids: Tensor, mask: Tensor, model: HookedLlava, images: list, videos: list) -> list:
+    """Image and video token tables in the order their placeholders appear (batch row, then position)."""
+    image_id, video_id = model.cfg.image_token_id, model.cfgs.video_token_id
+    real = mask.bool()
+    kinds = ids[real & ((ids == image_id) | (ids == video_id))].tolist()
+    queues = {image_id: iter(images), video_id: iter(videos)}
+    tables, i = [], 0
+    while i < len(kinds):
+        table = next(queues[kinds[i]], None)
+        if table is None:
+            raise ValueError("the prompts hold more image or video placeholders than the images and videos given.")
+        tables.append(table)
+        i += len(table)
+    return tables
 
 
 def _images(images: Any, prompts: list[str], image_token: str) -> list[Any] | None:
@@ -197,6 +228,10 @@ def encode(
     )
 
 
+def _nested(images: Any) -> bool:
+    return isinstance(images, (list, tuple)) and any(isinstance(im, (list, tuple)) for im in images)
+
+
 def prepare(
     model: HookedLlava,
     images: Any = None,
@@ -210,6 +245,9 @@ def prepare(
     attention_mask: Tensor | None = None,
     image_sizes: Any = None,
     padding_side: str = "left",
+    videos: Any = None,
+    pixel_values_videos: Tensor | None = None,
+    batch_num_images: Any = None,
 ) -> LlavaInputs:
     """Build `LlavaInputs` with the model's HF processor, or wrap ids the caller tokenised.
 
@@ -221,6 +259,10 @@ def prepare(
     `"USER: {question}\\nASSISTANT:"` without images). Text-only models take no images. A word
     the tokenizer does not know is a ValueError that names it.
 
+    LLaVA-OneVision: `images` may be nested, one list per question (several images in one prompt, or
+    `[]` for a text-only row); `videos` gives one video per question (a list of frames, or None), and
+    HF-style calls pass `pixel_values_videos` and `batch_num_images`.
+
     Example:
         >>> inputs = model.prepare(images=[img], questions=["What is the color of the circle?"])
         >>> inputs.positions("question")
@@ -228,8 +270,13 @@ def prepare(
     if input_ids is not None:
         if images is not None or prompts is not None or questions is not None:
             raise ValueError("give either input_ids (tokenised yourself) or images/prompts, not both.")
-        extra = {} if image_sizes is None else {"image_sizes": image_sizes}
+        given = dict(image_sizes=image_sizes, pixel_values_videos=pixel_values_videos, batch_num_images=batch_num_images)
+        extra = {k: v for k, v in given.items() if v is not None}
         return wrap_ids(model, input_ids, pixel_values, attention_mask, **extra)
+    if videos is not None or _nested(images):
+        from hooked_llava.inputs.onevision_prompts import prepare_onevision
+
+        return prepare_onevision(model, images, videos, prompts, questions, template, boxes, padding_side)
     if questions is not None:
         questions = [questions] if isinstance(questions, str) else list(questions)
         if prompts is not None:
