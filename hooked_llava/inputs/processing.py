@@ -173,6 +173,10 @@ def _tokenize(processor: Any, images: list[Any] | None, prompts: list[str], span
     tokenizer = getattr(processor, "tokenizer", processor)
     side, tokenizer.padding_side = tokenizer.padding_side, padding_side
     kwargs = {"return_tensors": "pt", "padding": True, "return_offsets_mapping": True}
+    # OneVision: `<video>` placeholders arrive expanded (see `onevision_prompts`); the processor must not count them.
+    video_token = getattr(processor, "video_token", None) if tokenizer is not processor else None
+    if video_token is not None:
+        processor.video_token = None
     try:
         if tokenizer is processor:
             out = tokenizer(prompts, **kwargs)
@@ -180,6 +184,8 @@ def _tokenize(processor: Any, images: list[Any] | None, prompts: list[str], span
             out = processor(images=images, text=prompts, **kwargs)
     finally:
         tokenizer.padding_side = side
+        if video_token is not None:
+            processor.video_token = video_token
     check_known_words(tokenizer, prompts, spans, out["input_ids"], out["attention_mask"])
     return out
 
@@ -191,8 +197,10 @@ def encode(
     spans: list[tuple[int, int] | None],
     boxes: Any,
     padding_side: str,
+    videos: dict[str, Any] | None = None,
 ) -> LlavaInputs:
-    """Run the HF processor on images and prompts and record each position's role."""
+    """Run the HF processor on images and prompts and record each position's role (`videos`: OneVision's
+    `pixel_values_videos` and `video_sizes`, their placeholders already expanded in the prompts)."""
     processor = model.processor
     if processor is None:
         raise ValueError(
@@ -202,16 +210,23 @@ def encode(
     image_token = getattr(processor, "image_token", None) or "<image>"
     if model.vision is None:
         _no_images(model, images)
-    image_list = None if model.vision is None else _images(images, prompts, image_token)
+    per_prompt = [len(x) for x in images] if _nested(images) else None  # OneVision: images of each prompt
+    flat = [im for x in images for im in x] if per_prompt is not None else images
+    image_list = None if model.vision is None else _images(flat, prompts, image_token)
     if boxes is not None and len(boxes) != len(prompts):
         raise ValueError(f"boxes must hold one list of boxes per prompt: got {len(boxes)} for {len(prompts)} prompts.")
-    out = _tokenize(processor, image_list, prompts, spans, padding_side)
+    given = image_list
+    if per_prompt is not None and image_list:  # regrouped: the OneVision processor reads the nesting
+        it = iter(image_list)
+        given = [[next(it) for _ in range(n)] for n in per_prompt]
+    out = _tokenize(processor, given, prompts, spans, padding_side)
     sizes = [(im.height, im.width) if hasattr(im, "height") else tuple(im.shape[-2:]) for im in image_list or []]
     if "image_sizes" in out:  # LLaVA-NeXT processors report them
         sizes = [tuple(int(v) for v in s) for s in out["image_sizes"].tolist()]
     counts = [model.vision.cfg.n_image_tokens if model.vision is not None else 0] * len(sizes)
+    per_image = {} if out.get("batch_num_images") is None else {"batch_num_images": out["batch_num_images"].tolist()}
     if model.cfgs.pinpoints is not None:  # LLaVA-NeXT: the count depends on each image's size
-        counts = [lay.n_tokens for lay in model.layouts(sizes)]
+        counts = [lay.n_tokens for lay in model.layouts(sizes, per_image.get("batch_num_images"))]
     if model.vision is None:  # a text-only model: a placeholder in its prompt stays one token
         counts = [1] * sum(p.count(image_token) for p in prompts)
     question = _question_mask(out["offset_mapping"], prompts, spans, image_token, counts)
@@ -225,6 +240,8 @@ def encode(
         image_sizes=sizes or None,
         crop=_crop(getattr(processor, "image_processor", None)),
         texts=prompts,
+        **per_image,
+        **(videos or {}),
     )
 
 

@@ -41,7 +41,7 @@ class TowerBase(nn.Module):
             for _ in range(cfg.n_layers_computed)
         )
 
-    def run_blocks(self, x: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch pos d_in"]:
+    def run_blocks(self, x: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch _ d_in"]:
         """Run the computed blocks on the embedded patches and select the feature layers as HF does:
         hidden state k is the residual after k blocks; "default" drops the first position (CLIP's
         CLS; for a tower without CLS, HF drops its first patch too), "full" keeps every position."""

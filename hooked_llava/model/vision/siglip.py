@@ -32,7 +32,7 @@ class SiglipTower(TowerBase):
         self.hook_embed = HookPoint()  # patches + positions: the residual entering block 0
         self.blocks = self._build_blocks()
 
-    def forward(self, pixel_values: Float[Tensor, "batch channel height width"]) -> Float[Tensor, "batch pos d_in"]:
+    def forward(self, pixel_values: Float[Tensor, "batch channel height width"]) -> Float[Tensor, "batch _ d_in"]:
         """Returns the selected features (every patch under "full"; HF's "default" drops the first)."""
         patches = F.conv2d(pixel_values.to(self.w_patch.dtype), self.w_patch, self.b_patch, stride=self.cfg.patch_size)
         patches = self.hook_patch_embed(patches.flatten(2).transpose(1, 2))
