@@ -72,9 +72,18 @@ def test_every_siglip_vision_hook_is_live(interleave):
     names += [f"vision.blocks.{b}.{h}" for b in range(n) for h in VISION_BLOCK]
     assert set(names) <= set(model.hook_dict)
     assert not any("ln_pre" in k or "post_layernorm" in k for k in model.hook_dict)
+    perturb = lambda x, hook: x + 0.5 * x.roll(1, dims=-1)  # noqa: E731  (not undone by a LayerNorm)
     with model.hook_switches(use_attn_result=True, use_split_qkv_input=True, use_hook_mlp_in=True):
         clean = model(inputs)
-        for name in names:
-            perturb = lambda x, hook: x * 1.5 + 0.1  # noqa: E731
+        for name in [n for n in names if not n.endswith("hook_attn_in")]:
             changed = (model.run_with_hooks(inputs, fwd_hooks=[(name, perturb)]) - clean).abs().max().item()
             assert changed > 1e-5, name
+    # hook_attn_in needs multi-head attention: the SigLIP tower has it (the GQA language model does not).
+    model.vision.cfg.use_attn_in = True
+    try:
+        clean = model(inputs)
+        for name in [n for n in names if n.endswith("hook_attn_in")]:
+            changed = (model.run_with_hooks(inputs, fwd_hooks=[(name, perturb)]) - clean).abs().max().item()
+            assert changed > 1e-5, name
+    finally:
+        model.vision.cfg.use_attn_in = False
