@@ -114,6 +114,12 @@ def _pixel_box(lay: next_.Layout, r0: float, c0: float, r1: float, c1: float, pa
     return (max(to_x(c0), 0.0), max(to_y(r0), 0.0), min(to_x(c1), float(width)), min(to_y(r1), float(height)))
 
 
+def _clipped(x0: float, y0: float, x1: float, y1: float, width: int, height: int) -> tuple[float, ...] | None:
+    """The box clipped to the image, or None when it lies wholly in the padding."""
+    box = (max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height)))
+    return box if box[2] > box[0] and box[3] > box[1] else None
+
+
 def token_table(packing: Packing, patch: int) -> list[tuple]:
     """Per token of one image, in sequence order: `(kind, tile, row, col, tile_row, tile_col, box)`
     as `next.token_table`. A downsampled cell `(r, c)` stands for the region rows
@@ -128,7 +134,7 @@ def token_table(packing: Packing, patch: int) -> list[tuple]:
     if packing.multi:  # the processor pads the image to a square (centred), then resizes it
         side = max(height, width)
         dx, dy, step = (side - width) // 2, (side - height) // 2, side / g
-        clip = lambda x0, y0, x1, y1: (max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height)))  # noqa: E731
+        clip = lambda x0, y0, x1, y1: _clipped(x0, y0, x1, y1, width, height)  # noqa: E731
         cells = [
             (BASE, 0, r, c, r, c, clip(c * step - dx, r * step - dy, (c + 1) * step - dx, (r + 1) * step - dy))
             for r in range(g)
