@@ -41,7 +41,10 @@ def qwen2_style_tokenizer() -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=400,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator([CORPUS] * 4, trainer)
     fast = PreTrainedTokenizerFast(
@@ -88,8 +91,15 @@ def _qwen2(tok: Any, d_model: int, layers: int) -> Any:
 
 
 def tiny_onevision_config(
-    *, image_size: int = 32, patch_size: int = 8, max_num_patches: int = 9, feature_layer: int | list[int] = -1,
-    strategy: str = "full", vision_layers: int = 2, n_layers: int = 2, d_model: int = 64,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    max_num_patches: int = 9,
+    feature_layer: int | list[int] = -1,
+    strategy: str = "full",
+    vision_layers: int = 2,
+    n_layers: int = 2,
+    d_model: int = 64,
 ) -> Any:
     """A `LlavaOnevisionConfig`: 32 px views of a 4×4 patch grid, anyres_max_`max_num_patches`."""
     from transformers import LlavaOnevisionConfig
@@ -136,8 +146,11 @@ def tiny_onevision_processor(config: Any) -> Any:
 
     v = config.vision_config
     images = LlavaOnevisionImageProcessorPil(
-        size={"height": v.image_size, "width": v.image_size}, image_grid_pinpoints=PINPOINTS, resample=0,
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        size={"height": v.image_size, "width": v.image_size},
+        image_grid_pinpoints=PINPOINTS,
+        resample=0,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
     )
     grid = v.image_size // v.patch_size
     return _processor_class()(

@@ -35,7 +35,9 @@ def _hf_logits(hf, out):
 def test_interleave_parity_several_images_left_padded(interleave):
     model, hf = interleave
     texts = [_prompt(2, "Which image is red?"), _prompt(1, "What is in the picture?")]
-    out = model.processor(images=random_images(3, 40), text=texts, return_tensors="pt", padding=True, padding_side="left")
+    out = model.processor(
+        images=random_images(3, 40), text=texts, return_tensors="pt", padding=True, padding_side="left"
+    )
     inputs = model.prepare(
         input_ids=out["input_ids"], pixel_values=out["pixel_values"], attention_mask=out["attention_mask"]
     )

@@ -67,7 +67,9 @@ def image_feature_count(inputs: LlavaInputs, features: list[Tensor], kind: str =
 def video_pixels(pixels: Any, cfg: VisionConfig, packing: str) -> None:
     """OneVision's `pixel_values_videos`: `[n_videos, frames, channels, size, size]`."""
     if packing != "onevision":
-        raise ValueError("only LLaVA-OneVision models take videos; drop pixel_values_videos (or load a OneVision model).")
+        raise ValueError(
+            "only LLaVA-OneVision models take videos; drop pixel_values_videos (or load a OneVision model)."
+        )
     expected = f"[n_videos, frames, {cfg.n_channels}, {cfg.image_size}, {cfg.image_size}]"
     if not isinstance(pixels, Tensor) or not pixels.is_floating_point():
         raise TypeError(f"pixel_values_videos must be a floating-point tensor {expected}; got {type(pixels).__name__}.")

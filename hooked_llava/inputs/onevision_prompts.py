@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from hooked_llava.inputs.llava_inputs import LlavaInputs, question_spans
+from hooked_llava.inputs.llava_inputs import question_spans
 from hooked_llava.inputs.prompts import _span, chat_template
 from hooked_llava.model.onevision import pooled_side
 
@@ -68,30 +68,32 @@ def video_pixels(processor: Any, frames: list[Any], side: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(out))
 
 
-def prepare_onevision(
+def onevision_request(
     model: HookedLlava,
     images: Any,
     videos: Any,
     prompts: Any,
     questions: Any,
     template: str | None,
-    boxes: Any,
-    padding_side: str,
-) -> LlavaInputs:
-    """`prepare` for nested images (one list per question) and videos (one list of frames per question, or None)."""
-    from hooked_llava.inputs.processing import encode
-
+) -> tuple[list[list[Any]] | None, list[str], list[Any], dict[str, Any] | None]:
+    """`prepare`'s arguments for nested images (one list per question) and videos (one list of frames per
+    question, or None): `(images per prompt, prompts with videos expanded, question spans, video inputs)`,
+    which `processing.encode` turns into `LlavaInputs`."""
     if model.cfgs.packing != "onevision" and videos is not None:
         raise ValueError(f"only LLaVA-OneVision models take videos; this is a {model.cfg.original_architecture}.")
     if template is not None:
         raise ValueError("template= is not supported with nested images or videos; pass prompts=[...] instead.")
-    texts = [questions] if isinstance(questions, str) else [prompts] if isinstance(prompts, str) else questions or prompts
+    texts = (
+        [questions] if isinstance(questions, str) else [prompts] if isinstance(prompts, str) else questions or prompts
+    )
     if texts is None:
         raise ValueError("nothing to prepare: give questions (or prompts) with the images and videos.")
     per_images = [list(x or []) for x in _per_question(images, len(texts), "images")]
     per_video = _per_question(videos, len(texts), "videos")
     if questions is not None:
-        texts, spans = chat_prompts(model.processor, list(texts), [len(x) for x in per_images], [v is not None for v in per_video])
+        texts, spans = chat_prompts(
+            model.processor, list(texts), [len(x) for x in per_images], [v is not None for v in per_video]
+        )
     else:
         texts, spans = list(texts), question_spans(list(texts))
     assert model.vision is not None
@@ -111,7 +113,7 @@ def prepare_onevision(
     if clips:
         sizes = [_frame_size(frames[0]) for frames in per_video if frames is not None]
         extra = {"pixel_values_videos": torch.stack(clips), "video_sizes": sizes}
-    return encode(model, per_images if any(per_images) else None, texts, spans, boxes, padding_side, videos=extra)
+    return (per_images if any(per_images) else None), texts, spans, extra
 
 
 def _frame_size(frame: Any) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from torch import Tensor
 from hooked_llava.inputs import checks
 from hooked_llava.inputs.geometry import Box
 from hooked_llava.inputs.llava_inputs import LlavaInputs, question_spans
+from hooked_llava.inputs.onevision_prompts import onevision_request
 from hooked_llava.inputs.prompts import check_known_words, format_questions
 from hooked_llava.model import next as next_
 from hooked_llava.model import onevision
@@ -287,13 +288,14 @@ def prepare(
     if input_ids is not None:
         if images is not None or prompts is not None or questions is not None:
             raise ValueError("give either input_ids (tokenised yourself) or images/prompts, not both.")
-        given = dict(image_sizes=image_sizes, pixel_values_videos=pixel_values_videos, batch_num_images=batch_num_images)
+        given = dict(
+            image_sizes=image_sizes, pixel_values_videos=pixel_values_videos, batch_num_images=batch_num_images
+        )
         extra = {k: v for k, v in given.items() if v is not None}
         return wrap_ids(model, input_ids, pixel_values, attention_mask, **extra)
     if videos is not None or _nested(images):
-        from hooked_llava.inputs.onevision_prompts import prepare_onevision
-
-        return prepare_onevision(model, images, videos, prompts, questions, template, boxes, padding_side)
+        images, prompts, spans, video = onevision_request(model, images, videos, prompts, questions, template)
+        return encode(model, images, prompts, spans, boxes, padding_side, videos=video)
     if questions is not None:
         questions = [questions] if isinstance(questions, str) else list(questions)
         if prompts is not None:

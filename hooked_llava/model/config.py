@@ -299,7 +299,9 @@ def configs_from_hf(hf_config: Any, dtype: torch.dtype | None = None) -> LlavaCo
 
 def _token_id(value: Any, name: str, d_vocab: int) -> int:
     if not isinstance(value, int) or not 0 <= value < d_vocab:
-        raise InvalidConfigError(f"{name}={value!r} is not a token id of the {d_vocab}-token vocabulary; fix config.json.")
+        raise InvalidConfigError(
+            f"{name}={value!r} is not a token id of the {d_vocab}-token vocabulary; fix config.json."
+        )
     return value
 
 

@@ -230,7 +230,9 @@ class HookedLlava(
             return layouts
         multi = checks.multi_image(batch_num_images, len(layouts))
         assert self.cfgs.max_num_patches is not None
-        return [onevision.make_packing(lay, m, self.cfgs.max_num_patches) for lay, m in zip(layouts, multi, strict=True)]
+        return [
+            onevision.make_packing(lay, m, self.cfgs.max_num_patches) for lay, m in zip(layouts, multi, strict=True)
+        ]
 
     @locked
     def run_blocks(

@@ -38,4 +38,3 @@ class SiglipTower(TowerBase):
         patches = self.hook_patch_embed(patches.flatten(2).transpose(1, 2))
         pos = self.hook_pos_embed(self.w_pos.expand(patches.shape[0], -1, -1))
         return self.run_blocks(self.hook_embed(patches + pos))
-
