@@ -144,6 +144,8 @@ def tiny_onevision_processor(config: Any) -> Any:
     Without torchvision HF has no video processor; videos then go through `model.prepare(videos=...)`."""
     from transformers import LlavaOnevisionImageProcessorPil
 
+    from hooked_llava.loading.processors import onevision_processor_class
+
     v = config.vision_config
     images = LlavaOnevisionImageProcessorPil(
         size={"height": v.image_size, "width": v.image_size},
@@ -153,7 +155,7 @@ def tiny_onevision_processor(config: Any) -> Any:
         image_std=[0.5, 0.5, 0.5],
     )
     grid = v.image_size // v.patch_size
-    return _processor_class()(
+    return onevision_processor_class()(
         image_processor=images,
         tokenizer=qwen2_style_tokenizer(),
         num_image_tokens=grid * grid,
@@ -161,23 +163,6 @@ def tiny_onevision_processor(config: Any) -> Any:
         vision_aspect_ratio=config.vision_aspect_ratio,
         chat_template=CHAT_TEMPLATE,
     )
-
-
-def _processor_class() -> Any:
-    """`LlavaOnevisionProcessor`, or without torchvision (HF's video processor needs it) the same
-    processor with images and text only."""
-    from transformers import LlavaOnevisionProcessor
-    from transformers.utils import is_torchvision_available
-
-    if is_torchvision_available():
-        return LlavaOnevisionProcessor
-
-    class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
-        @classmethod
-        def get_attributes(cls) -> list[str]:
-            return ["image_processor", "tokenizer"]
-
-    return ImageOnlyOnevisionProcessor
 
 
 def tiny_interleave_processor(config: Any) -> Any:
