@@ -106,14 +106,11 @@ class LlavaInputs:
     def __getitem__(self, rows: int | slice | list[int] | Tensor) -> LlavaInputs:
         """Select batch rows with their images: an int, a slice, or a list/tensor of rows in any
         order, repeats allowed (e.g. to run several configurations of one example as a batch)."""
-        if self.pixel_values_videos is not None or self.batch_num_images is not None:
-            raise NotImplementedError(
-                "selecting rows of OneVision inputs (videos, images per prompt) is not supported yet; "
-                "prepare the rows you need with model.prepare."
-            )
         if isinstance(rows, int):
             rows = [rows]
         picked = list(range(len(self))[rows]) if isinstance(rows, slice) else torch.as_tensor(rows).reshape(-1).tolist()
+        if self.video_token_id is not None:  # OneVision: images and videos, several images per prompt
+            return self._select_onevision(picked)
         owners = self.image_rows()
         images = [i for r in picked for i, owner in enumerate(owners) if owner == r]
         index = lambda t: None if t is None else t[torch.tensor(picked, dtype=torch.long, device=t.device)]  # noqa: E731
@@ -129,6 +126,44 @@ class LlavaInputs:
             texts=per_row(self.texts),
             image_sizes=per_image(self.image_sizes),
             token_tables=per_image(self.token_tables),
+        )
+
+    def visual_items(self) -> list[tuple[str, int, int]]:
+        """Per image or video, in order of appearance (the order of `token_tables`): `(kind, index
+        among its kind, batch row)`."""
+        mask, item = self.image_mask, self.image_index()
+        rows, positions = mask.nonzero(as_tuple=True)
+        seen: dict[int, tuple[str, int, int]] = {}
+        counts = {"image": 0, "video": 0}
+        for r, p, i in zip(rows.tolist(), positions.tolist(), item[mask].tolist(), strict=True):
+            if i not in seen:
+                kind = "video" if int(self.input_ids[r, p]) == self.video_token_id else "image"
+                seen[i] = (kind, counts[kind], r)
+                counts[kind] += 1
+        return [seen[i] for i in sorted(seen)]
+
+    def _select_onevision(self, picked: list[int]) -> LlavaInputs:
+        """`__getitem__` for OneVision inputs: each row keeps its images, videos and images-per-prompt count."""
+        items = self.visual_items()
+        chosen = [(n, it) for r in picked for n, it in enumerate(items) if it[2] == r]
+        images = [it[1] for _, it in chosen if it[0] == "image"]
+        videos = [it[1] for _, it in chosen if it[0] == "video"]
+        counts = [sum(1 for it in items if it[0] == "image" and it[2] == r) for r in picked]
+        index = lambda t: None if t is None else t[torch.tensor(picked, dtype=torch.long, device=t.device)]  # noqa: E731
+        per_row = lambda xs: None if xs is None else [xs[r] for r in picked]  # noqa: E731
+        take = lambda t, ids: None if t is None or not ids else t[ids]  # noqa: E731
+        return replace(
+            self,
+            input_ids=index(self.input_ids),
+            attention_mask=index(self.attention_mask),
+            pixel_values=take(self.pixel_values, images),
+            pixel_values_videos=take(self.pixel_values_videos, videos),
+            question_mask=index(self.question_mask),
+            boxes=per_row(self.boxes),
+            texts=per_row(self.texts),
+            image_sizes=[self.image_sizes[i] for i in images] if self.image_sizes and images else None,
+            token_tables=[self.token_tables[n] for n, _ in chosen] if self.token_tables else None,
+            batch_num_images=[n for n in counts if n] if self.batch_num_images is not None and images else None,
         )
 
     # --- roles ---------------------------------------------------------------------------
