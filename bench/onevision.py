@@ -7,7 +7,7 @@ depth (`--lm-layers`, `--vision-layers`), one 384×384 image (a base view and on
 tokens). HF eager, HF SDPA and HookedLlava are separate objects on copied weights; each compared pair
 is called back to back in every round, order swapped in turn (`harness.interleaved`), CPU time.
 
-    python bench/onevision.py [--rounds 10] [--lm-layers 2] [--vision-layers 2] [--memory-only]
+    python bench/onevision.py [--rounds 20] [--lm-layers 2] [--vision-layers 2] [--memory-only]
 
 The memory table counts every activation a default `run_with_cache` holds (every hook that fires
 without a switch; `hook_result` is opt-in), from the shapes each hook has; the count is checked
@@ -97,9 +97,9 @@ def speed(args: argparse.Namespace) -> None:
           f"{n_params / 1e6:.0f}M parameters, bf16, 1 × {inputs.input_ids.shape[1]} positions, {args.rounds} rounds, "
           f"{torch.get_num_threads()} thread(s) ==")  # fmt: skip
     h.print_table(t)
-    print(f"  forward × HF sdpa:        {h.fmt_ratio(h.median_ci(t.ratios('HookedLlava forward', 'HF sdpa')))}")
+    print(f"  forward × HF sdpa:        {h.verdict(t.ratios('HookedLlava forward', 'HF sdpa'), 1.05)}")
     cache = t.ratios("HookedLlava run_with_cache (default)", "HF eager")
-    print(f"  default cache × HF eager: {h.fmt_ratio(h.median_ci(cache))}")
+    print(f"  default cache × HF eager: {h.verdict(cache, 1.10)}")
 
 
 def cache_numel(lm: dict, n: int, vision_layers: int, views: int, n_image: int, d_v: int = 1152, mlp_v: int = 4304,
@@ -155,7 +155,7 @@ def memory() -> None:
 def main() -> None:
     torch.set_num_threads(1)  # a shared machine: one thread, and the same for every variant
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--lm-layers", type=int, default=2)
     parser.add_argument("--vision-layers", type=int, default=2)
     parser.add_argument("--memory-only", action="store_true")

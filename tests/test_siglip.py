@@ -89,3 +89,23 @@ def test_every_siglip_vision_hook_is_live(interleave):
             assert changed > 1e-5, name
     finally:
         model.vision.cfg.use_attn_in = False
+
+
+@pytest.mark.parametrize("strategy", ["full", "default"])
+def test_interleave_image_map_boxes_match_the_processor(strategy):
+    import numpy as np
+    from PIL import Image
+
+    model, _ = tiny_pair("interleave", strategy=strategy)
+    y, x = np.mgrid[0:40, 0:120]
+    image = Image.fromarray(np.stack([x, y, np.zeros_like(x)], -1).astype(np.uint8))  # red = x, green = y
+    inputs = model.prepare(questions=["What is the color?"], images=[image])
+    table = inputs.image_map()
+    assert len(table) == 16 - (strategy == "default") and (table.kind == "base").all()
+    patch = model.vision.cfg.patch_size
+    for t in table.itertuples():
+        cell = inputs.pixel_values[0, :2, t.grid_row * patch : (t.grid_row + 1) * patch,
+                                   t.grid_col * patch : (t.grid_col + 1) * patch] * 0.5 + 0.5  # fmt: skip
+        cx, cy = ((cell * 255).round().flatten(1).mean(1) + 0.5).tolist()
+        assert abs(cx - (t.x0 + t.x1) / 2) <= 2 and abs(cy - (t.y0 + t.y1) / 2) <= 2, (t, cx, cy)
+    assert (table.grid_row * 4 + table.grid_col).tolist()[0] == int(strategy == "default")

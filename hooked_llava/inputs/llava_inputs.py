@@ -44,7 +44,11 @@ class LlavaInputs:
         image_token_id: the placeholder id.
         tokens_per_image: image tokens each image contributes.
         grid_size: side of the patch grid.
-        has_cls: whether each image's first token is CLS ("full" strategy).
+        has_cls: whether each image's first token is CLS (CLIP under the "full" strategy).
+        skips_first_patch: whether each image's tokens start at its second patch (a tower without CLS,
+            SigLIP, under HF's "default" strategy, which drops the first position all the same).
+        squash: whether the image processor resizes to a square without keeping the aspect ratio
+            (SigLIP's), instead of a shortest-edge resize and centre crop (CLIP's `crop`).
         question_mask: `[batch, pos]`, the question's own tokens (empty if unknown).
         boxes: per row, bounding boxes `(x0, y0, x1, y1)` in original-image pixels of the
             objects the question is about ("related" patches).
@@ -63,6 +67,8 @@ class LlavaInputs:
     tokens_per_image: int = 0
     grid_size: int = 0
     has_cls: bool = False
+    skips_first_patch: bool = False
+    squash: bool = False
     question_mask: Bool[Tensor, "batch pos"] | None = None
     boxes: list[list[Box]] | None = None
     image_sizes: list[tuple[int, int]] | None = None
@@ -217,7 +223,7 @@ class LlavaInputs:
             rc[mask] = torch.tensor(cells, dtype=torch.long, device=mask.device)
             return rc
         order = mask.flatten().long().cumsum(0).view_as(mask) - 1
-        j = order % max(self.tokens_per_image, 1) - int(self.has_cls)
+        j = order % max(self.tokens_per_image, 1) - int(self.has_cls) + int(self.skips_first_patch)
         rc = torch.stack([j // max(self.grid_size, 1), j % max(self.grid_size, 1)], dim=-1)
         return torch.where((mask & (j >= 0))[..., None], rc, -1)
 

@@ -60,7 +60,8 @@ def wrap_ids(
         image_token_id=model.cfg.image_token_id,
         tokens_per_image=vision.n_image_tokens if vision else 0,
         grid_size=vision.grid_size if vision else 0,
-        has_cls=bool(vision and vision.select_strategy == "full"),
+        has_cls=bool(vision and vision.has_cls and vision.select_strategy == "full"),
+        skips_first_patch=bool(vision and not vision.has_cls and vision.select_strategy == "default"),
         **extra,
     )
 
@@ -161,6 +162,12 @@ def _question_mask(
     return mask
 
 
+def _squashes(image_processor: Any) -> bool:
+    """A processor that resizes straight to `height × width` (SigLIP's) rather than by the shortest edge."""
+    size = getattr(image_processor, "size", None) or {}
+    return bool(size.get("height") and size.get("width")) and not getattr(image_processor, "do_center_crop", False)
+
+
 def _crop(image_processor: Any) -> tuple[int, int] | None:
     size = getattr(image_processor, "size", None) or {}
     crop = getattr(image_processor, "crop_size", None) or {}
@@ -240,6 +247,7 @@ def encode(
         boxes=boxes,
         image_sizes=sizes or None,
         crop=_crop(getattr(processor, "image_processor", None)),
+        squash=model.cfgs.packing == "llava" and _squashes(getattr(processor, "image_processor", None)),
         texts=prompts,
         **per_image,
         **(videos or {}),
