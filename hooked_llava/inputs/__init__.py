@@ -2,11 +2,12 @@
 
 - `llava_inputs.py`: `LlavaInputs` (token ids, pixels, masks; `positions`, `patch_rc`, `image_map`).
 - `processing.py`: `prepare`, images and prompts through the checkpoint's HF processor.
+- `onevision_prompts.py`: LLaVA-OneVision prompts (several images per question, text-only rows, video).
 - `prompts.py`: questions into prompts with the model's chat template; unknown-word errors.
 - `geometry.py`: pixel boxes to patches, and the position map of image tokens.
 - `checks.py`: input validation with messages that say how to fix the input.
 
-May import: `hooked_llava.model.next` (the packing's token counts). Never the model class itself,
+May import: `hooked_llava.model.next` and `hooked_llava.model.onevision` (the packings' token counts and maps). Never the model class itself,
 `analyses`, `shapes`, `course` or the CLI.
 """
 

@@ -4,6 +4,7 @@
 - `checkpoint_files.py`: which files of a checkpoint folder are read, and reading them safely.
 - `convert.py`: pure state-dict conversions from Hugging Face layouts; `CheckpointError`.
 - `pretrained.py`: `from_pretrained` (`LoadingMixin`), from an HF model, a folder or a hub id.
+- `processors.py`: LLaVA-OneVision's processor where HF cannot build it (no torchvision: images and text).
 - `devices.py`: placing the model's parts across devices (`device_map=`), memory per part.
 
 May import: `hooked_llava.model.config` and the model's building blocks. Never `analyses`,
