@@ -87,6 +87,8 @@ def test_video_beside_an_image_row(onevision):
         questions=["Describe the video", "What is the color?"], images=[[], [_image(40, 60)]], videos=[frames, None]
     )
     assert tuple(inputs.pixel_values_videos.shape) == (1, 3, 3, 32, 32)
+    question = [model.to_string(inputs.input_ids[r, inputs.positions("question")[r]]) for r in range(2)]
+    assert question == ["Describe the video", "What is the color?"]
     assert int(inputs.placeholder_mask("video").sum()) == 3 * 2 * 2 + 1  # 4×4 grid pooled to 2×2 per frame
     _close(model, hf, inputs)
     video = inputs.image_map().query("row == 0")

@@ -11,7 +11,7 @@ from transformer_lens import patching
 
 from analyses.ablation import ablate_heads
 from analyses.attribution.scores import log_prob_increase
-from analyses.information_flow.attention_knockout import knockout
+from analyses.information_flow.attention_knockout import knockout, knockout_sweep
 from analyses.lens.logit import logit_lens
 from analyses.patch_maps.anyres import anyres_maps, token_importance
 from analyses.patching.activation import patch_residual
@@ -123,6 +123,19 @@ def test_knockout_of_image_to_last_equals_a_hand_made_mask(ov, inputs):
     hooks = [(f"blocks.{i}.attn.hook_attn_scores", mask) for i in (0, 1)]
     manual = model.run_with_hooks(inputs, fwd_hooks=hooks)
     torch.testing.assert_close(ours, manual, atol=1e-5, rtol=1e-5)
+
+
+def test_knockout_sweep_rows_equal_single_knockouts(ov, inputs):
+    model, _ = ov
+    sweep = knockout_sweep(model, inputs, ["image->last", "question->last"], window=1, progress=False)
+    for flow, (source, target) in {"image->last": ("image", "last"), "question->last": ("question", "last")}.items():
+        row = sweep[(sweep.flow == flow) & (sweep.layer == 1) & (sweep.example == 1)].iloc[0]
+        with torch.no_grad():
+            logits = knockout(model, inputs[1], source, target, layers=[1])
+            answer = int(model(inputs[1])[0, -1].argmax())
+        assert abs(float(logits[0, -1].float().softmax(-1)[answer]) - row.p_blocked) < 1e-5
+    moved = sweep[sweep.flow == "image->last"]
+    assert (moved.p_blocked - moved.p_base).abs().max() > 1e-6  # blocking the images changes the answer's p
 
 
 def test_patch_map_lays_downsampled_tokens_on_their_grid(ov, inputs):
