@@ -73,7 +73,7 @@ def test_saved_folder_loads_with_its_processor_and_matches(saved, layout, tmp_pa
 def _edited(saved, tmp_path, **changes):
     _, folder, _ = saved
     out = tmp_path / "edited"
-    out.mkdir()
+    out.mkdir(parents=True)
     for name in folder.iterdir():
         (out / name.name).write_bytes(name.read_bytes())
     config = json.loads((out / "config.json").read_text())
@@ -89,6 +89,10 @@ def test_unsupported_configs_are_refused_clearly(saved, tmp_path):
     if kind == "onevision":
         with pytest.raises(Exception, match="anyres_max_N"):
             HookedLlava.from_pretrained(_edited(saved, tmp_path, vision_aspect_ratio="anyres"))
+        with pytest.raises(Exception, match="needs vision_feature_select_strategy 'full'"):
+            HookedLlava.from_pretrained(_edited(saved, tmp_path / "b", vision_feature_select_strategy="default"))
+        with pytest.raises(ValueError, match="need the same number of frames"):
+            model.prepare(questions=["a", "b"], videos=[random_images(2, 32), random_images(3, 32)])
     else:
         with pytest.raises(ValueError, match="only LLaVA-OneVision models take videos"):
             model.prepare(questions=["What is shown?"], videos=[random_images(2, 32)])

@@ -99,6 +99,11 @@ def onevision_request(
     assert model.vision is not None
     v = model.vision.cfg
     clips = [video_pixels(model.processor, list(frames), v.image_size) for frames in per_video if frames is not None]
+    if len({clip.shape[0] for clip in clips}) > 1:
+        raise ValueError(
+            f"the videos have {[clip.shape[0] for clip in clips]} frames; videos in one batch need the same number "
+            "of frames (as in HF): sample them to one length, or prepare them in separate batches."
+        )
     n_per_frame = pooled_side(v.grid_size) ** 2
     expanded = iter(clips)
     for i, frames in enumerate(per_video):

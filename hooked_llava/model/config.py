@@ -313,4 +313,9 @@ def _onevision(cfgs: LlavaConfigs, hf_config: Any) -> None:
             f"vision_aspect_ratio {ratio!r} is not supported; HookedLlava implements 'anyres_max_N' (as HF does)."
         )
     cfgs.max_num_patches = int(ratio[len("anyres_max_") :])
+    if hf_config.vision_feature_select_strategy != "full":  # HF's own packing then fails on the base view
+        raise UnsupportedConfigError(
+            "LLaVA-OneVision packs whole patch grids, so it needs vision_feature_select_strategy 'full'; "
+            f"got {hf_config.vision_feature_select_strategy!r}."
+        )
     cfgs.video_token_id = _token_id(hf_config.video_token_id, "video_token_id", cfgs.lm.d_vocab)
