@@ -7,7 +7,8 @@
 - `geometry.py`: pixel boxes to patches, and the position map of image tokens.
 - `checks.py`: input validation with messages that say how to fix the input.
 
-May import: `hooked_llava.model.next` and `hooked_llava.model.onevision` (the packings' token counts and maps). Never the model class itself,
+May import: `hooked_llava.model.next` and `hooked_llava.model.onevision` (the packings' token counts and
+maps). Never the model class itself,
 `analyses`, `shapes`, `course` or the CLI.
 """
 
