@@ -1,7 +1,9 @@
-"""`HookedLlava`: LLaVA-1.5 reimplemented as a TransformerLens `HookedRootModule`.
+"""`HookedLlava`: LLaVA (1.5, NeXT, OneVision, Interleave) reimplemented as a TransformerLens `HookedRootModule`.
 
-The forward pass is: CLIP tower → projector → merge into the token embeddings at the
-`<image>` placeholders (`hook_embed`) → Llama blocks → final RMSNorm → unembedding.
+The forward pass is: vision tower (CLIP or SigLIP) → projector → packing (one view per image; NeXT's
+anyres tiles; OneVision's anyres_max tiles, several images per prompt and pooled video frames) →
+merge into the token embeddings at the `<image>` (and `<video>`) placeholders (`hook_embed`) →
+Llama/Mistral/Qwen2 blocks → final RMSNorm → unembedding.
 """
 
 from __future__ import annotations
