@@ -22,9 +22,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from analyses.report.html import write_html as _write_html  # noqa: E402
-from analyses.report.patches import embedding_section, patch_section  # noqa: E402
+from analyses.report.patches import anyres_patch_section, embedding_section, patch_section  # noqa: E402
 from analyses.report.report import (  # noqa: E402, F401 (FLOWS, NOISE_FLOOR, Report: the report's names, here too)
     FLOWS,
     NOISE_FLOOR,
@@ -75,12 +76,17 @@ def explain(
     say(f"[1/{len(report.sections)}] answer: {report.answer!r} (p = {report.probability:.3f})")
     _timed(report, "logit lens", say, lambda: _logit_lens(model, inputs, report))
     top_head = _timed(report, "head attribution", say, lambda: _heads(model, inputs, report))
+    tiled = inputs.token_tables is not None  # LLaVA-NeXT / OneVision: base view and tiles
     if has_image:
         report.image = _picture(inputs)
-        _timed(report, "patch importance", say, lambda: patch_section(model, inputs, report, top_head))
+        if tiled:
+            image = _original(report.image, inputs.image_sizes[0])
+            _timed(report, "patch importance", say, lambda: anyres_patch_section(model, inputs, report, image))
+        else:
+            _timed(report, "patch importance", say, lambda: patch_section(model, inputs, report, top_head))
     default = FLOWS if has_image else TEXT_FLOWS
     _timed(report, "attention knockout", say, lambda: _knockout(model, inputs, report, flows or default))
-    if has_image:
+    if has_image and not tiled:
         _timed(report, "embedding projection", say, lambda: embedding_section(model, inputs, report))
     return report
 
@@ -88,7 +94,15 @@ def explain(
 def _picture(inputs: LlavaInputs) -> np.ndarray:
     from analyses.plotting.figures import processed_image
 
+    if inputs.token_tables is not None and inputs.pixel_values is not None:  # tiled: the base view
+        return processed_image(inputs.pixel_values[0, 0])
     return processed_image(inputs)
+
+
+def _original(picture: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """The base view stretched back to the image's original `(height, width)`: the canvas token boxes refer to."""
+    pixels = (np.clip(picture, 0, 1) * 255).astype(np.uint8)
+    return Image.fromarray(pixels).resize((size[1], size[0]))
 
 
 def _answer(model: HookedLlava, inputs: LlavaInputs, name: str) -> Report:

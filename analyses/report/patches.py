@@ -11,6 +11,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 from matplotlib.patches import Rectangle
+from PIL import Image
 
 from analyses.report.report import NOISE_FLOOR, Report, token_text
 from hooked_llava import HookedLlava, LlavaInputs
@@ -50,6 +51,23 @@ def patch_section(model: HookedLlava, inputs: LlavaInputs, report: Report, head:
     fig = plot_patch_heatmap(inputs, attention, title="mean attention from the last position", label="attention")
     _outline(fig.axes[0], inputs)
     report.figures["patches_attention"] = fig
+
+
+def anyres_patch_section(model: HookedLlava, inputs: LlavaInputs, report: Report, image: Image.Image) -> None:
+    """The patch section for tiled inputs (LLaVA-NeXT, LLaVA-OneVision): study A's tool and the attention
+    baseline per image token, drawn over the image through each token's pixel box (`inputs.image_map()`)."""
+    from analyses.patch_maps.anyres import token_importance
+    from analyses.plotting.figures import plot_anyres_maps
+
+    tool = token_importance(model, inputs, target=report.answer_id)
+    attention = token_importance(model, inputs, method="attention")
+    report.notes["patches"] = (
+        "Image tokens come from a base view and high-resolution tiles (downsampled where the image is large); "
+        "each token's value is drawn over the pixels it covers."
+    )
+    report.figures["patches_tool"] = plot_anyres_maps(image, inputs, tool)
+    report.figures["patches_attention"] = plot_anyres_maps(image, inputs, attention)
+    report.notes["embedding"] = "Left out for tiled images: the vocabulary projection reads a single patch grid."
 
 
 def _outline(ax, inputs: LlavaInputs) -> None:

@@ -50,16 +50,47 @@ def pixel_values(pixels: Any, cfg: VisionConfig, dtype: torch.dtype, tiles: bool
         )
 
 
-def image_feature_count(inputs: LlavaInputs, features: list[Tensor]) -> None:
-    n_tokens = int(inputs.image_mask.sum())
+def image_feature_count(inputs: LlavaInputs, features: list[Tensor], kind: str = "image") -> None:
+    """The placeholders of `kind` ("image" or "video") must number exactly the features that replace them."""
+    n_tokens = int(inputs.placeholder_mask(kind).sum())
     per_image = [f.shape[0] for f in features]
     if n_tokens != sum(per_image):
+        token_id = inputs.image_token_id if kind == "image" else inputs.video_token_id
         raise ValueError(
-            f"the prompts hold {n_tokens} image placeholder tokens (id {inputs.image_token_id}) but the "
-            f"{len(per_image)} image(s) give {sum(per_image)} features ({', '.join(map(str, per_image))} per image). "
-            "Each `<image>` must be expanded to its image's number of features: build inputs with `model.prepare` "
+            f"the prompts hold {n_tokens} {kind} placeholder tokens (id {token_id}) but the "
+            f"{len(per_image)} {kind}(s) give {sum(per_image)} features ({', '.join(map(str, per_image))} per {kind}). "
+            f"Each `<{kind}>` must be expanded to its {kind}'s number of features: build inputs with `model.prepare` "
             "or the model's processor."
         )
+
+
+def video_pixels(pixels: Any, cfg: VisionConfig, packing: str) -> None:
+    """OneVision's `pixel_values_videos`: `[n_videos, frames, channels, size, size]`."""
+    if packing != "onevision":
+        raise ValueError(
+            "only LLaVA-OneVision models take videos; drop pixel_values_videos (or load a OneVision model)."
+        )
+    expected = f"[n_videos, frames, {cfg.n_channels}, {cfg.image_size}, {cfg.image_size}]"
+    if not isinstance(pixels, Tensor) or not pixels.is_floating_point():
+        raise TypeError(f"pixel_values_videos must be a floating-point tensor {expected}; got {type(pixels).__name__}.")
+    if pixels.ndim != 5 or tuple(pixels.shape[-3:]) != (cfg.n_channels, cfg.image_size, cfg.image_size):
+        raise ValueError(
+            f"pixel_values_videos has shape {tuple(pixels.shape)}, but this vision tower expects {expected}. "
+            "Resize the frames with the model's processor (`model.prepare(videos=...)`)."
+        )
+
+
+def multi_image(batch_num_images: Any, n_images: int) -> list[bool]:
+    """Per image, whether its prompt holds several images (OneVision then packs its base view only).
+    None means one image per prompt, as HF assumes."""
+    if batch_num_images is None:
+        return [False] * n_images
+    counts = [int(n) for n in (batch_num_images.tolist() if isinstance(batch_num_images, Tensor) else batch_num_images)]
+    if sum(counts) != n_images or min(counts, default=1) < 0:
+        raise ValueError(
+            f"batch_num_images {counts} must count the images of each prompt and sum to the {n_images} images given."
+        )
+    return [n != 1 for n in counts for _ in range(n)]
 
 
 def finite_pixels(pixels: Tensor) -> None:
@@ -118,7 +149,14 @@ def _tokenizer_image_id(model: HookedLlava) -> int | None:
 
 def placeholders(x: LlavaInputs, model: HookedLlava) -> None:
     """Pixels and `<image>` placeholders must come together."""
-    n_placeholders = int(x.image_mask.sum())
+    n_placeholders = int(x.placeholder_mask("image").sum())
+    n_video = int(x.placeholder_mask("video").sum())
+    if (x.pixel_values_videos is None) != (n_video == 0):
+        raise ValueError(
+            f"the input holds {n_video} `<video>` placeholder tokens but pixel_values_videos is "
+            f"{'missing' if x.pixel_values_videos is None else 'given'}: videos and their placeholders come together; "
+            "build the inputs with `model.prepare(videos=...)`."
+        )
     if x.pixel_values is None and n_placeholders:
         raise ValueError(
             f"the input holds {n_placeholders} `<image>` placeholder tokens but no pixel_values were given. "

@@ -74,7 +74,7 @@ def related_mask(inputs: LlavaInputs, box_rule: BoxRule = "exclusive") -> Bool[T
         raise ValueError(
             "the 'related' role needs the original image sizes and the processor's crop; use model.prepare."
         )
-    if inputs.token_tables is not None:
+    if inputs.token_tables is not None or inputs.squash:
         return _related_by_overlap(inputs, box_rule)
     patch = inputs.crop[1] // inputs.grid_size
     rc, image_of = inputs.patch_rc(), inputs.image_index()
@@ -133,6 +133,9 @@ def image_map(inputs: LlavaInputs) -> pd.DataFrame:
         for (r, c), img in zip(rc, image_of[mask].tolist(), strict=True):
             size = inputs.image_sizes[img] if inputs.image_sizes and inputs.crop else None
             box = cell_box(r, c, size, inputs.crop, patch) if size and r >= 0 else None
+            if inputs.squash and size and r >= 0:  # resized straight to a square: cells scale evenly
+                g, (h, w) = inputs.grid_size, size
+                box = (c * w / g, r * h / g, (c + 1) * w / g, (r + 1) * h / g)
             table.append(("base" if r >= 0 else "cls", 0, r, c, r, c, box))
     nan = (float("nan"),) * 4
     records = [

@@ -44,12 +44,20 @@ class LlavaInputs:
         image_token_id: the placeholder id.
         tokens_per_image: image tokens each image contributes.
         grid_size: side of the patch grid.
-        has_cls: whether each image's first token is CLS ("full" strategy).
+        has_cls: whether each image's first token is CLS (CLIP under the "full" strategy).
+        skips_first_patch: whether each image's tokens start at its second patch (a tower without CLS,
+            SigLIP, under HF's "default" strategy, which drops the first position all the same).
+        squash: whether the image processor resizes to a square without keeping the aspect ratio
+            (SigLIP's), instead of a shortest-edge resize and centre crop (CLIP's `crop`).
         question_mask: `[batch, pos]`, the question's own tokens (empty if unknown).
         boxes: per row, bounding boxes `(x0, y0, x1, y1)` in original-image pixels of the
             objects the question is about ("related" patches).
         image_sizes: per image, the original `(height, width)`.
         crop: `(resize_shortest_edge, crop_size)` of the image processor.
+        token_tables: per image or video, in order of appearance, each token's kind, tile, cell and box.
+        pixel_values_videos: OneVision videos `[n_videos, frames, channels, h, w]`; their positions are
+            "image" positions too (the visual role), told apart by `placeholder_mask("video")`.
+        batch_num_images: OneVision: how many images each prompt with images holds.
     """
 
     input_ids: Int[Tensor, "batch pos"]
@@ -59,12 +67,17 @@ class LlavaInputs:
     tokens_per_image: int = 0
     grid_size: int = 0
     has_cls: bool = False
+    skips_first_patch: bool = False
+    squash: bool = False
     question_mask: Bool[Tensor, "batch pos"] | None = None
     boxes: list[list[Box]] | None = None
     image_sizes: list[tuple[int, int]] | None = None
     crop: tuple[int, int] | None = None
     texts: list[str] | None = field(default=None, repr=False)
-    token_tables: list[list[tuple]] | None = field(default=None, repr=False)  # LLaVA-NeXT, see `image_map`
+    token_tables: list[list[tuple]] | None = field(default=None, repr=False)  # NeXT/OneVision, see `image_map`
+    pixel_values_videos: Tensor | None = None  # OneVision: [n_videos, frames, channel, h, w]
+    video_token_id: int | None = None
+    batch_num_images: list[int] | None = None  # OneVision: images per prompt (prompts with images only, as HF)
 
     # --- shapes and moving -----------------------------------------------------------------
     @property
@@ -83,6 +96,7 @@ class LlavaInputs:
             attention_mask=move(self.attention_mask),
             pixel_values=move(self.pixel_values),
             question_mask=move(self.question_mask),
+            pixel_values_videos=move(self.pixel_values_videos),
         )
 
     def with_pixels(self, pixel_values: Tensor) -> LlavaInputs:
@@ -101,6 +115,8 @@ class LlavaInputs:
         if isinstance(rows, int):
             rows = [rows]
         picked = list(range(len(self))[rows]) if isinstance(rows, slice) else torch.as_tensor(rows).reshape(-1).tolist()
+        if self.video_token_id is not None:  # OneVision: images and videos, several images per prompt
+            return self._select_onevision(picked)
         owners = self.image_rows()
         images = [i for r in picked for i, owner in enumerate(owners) if owner == r]
         index = lambda t: None if t is None else t[torch.tensor(picked, dtype=torch.long, device=t.device)]  # noqa: E731
@@ -119,12 +135,57 @@ class LlavaInputs:
             token_tables=per_image(self.token_tables),
         )
 
+    def visual_items(self) -> list[tuple[str, int, int]]:
+        """Per image or video, in order of appearance (the order of `token_tables`): `(kind, index
+        among its kind, batch row)`."""
+        mask, item = self.image_mask, self.image_index()
+        rows, positions = mask.nonzero(as_tuple=True)
+        seen: dict[int, tuple[str, int, int]] = {}
+        counts = {"image": 0, "video": 0}
+        for r, p, i in zip(rows.tolist(), positions.tolist(), item[mask].tolist(), strict=True):
+            if i not in seen:
+                kind = "video" if int(self.input_ids[r, p]) == self.video_token_id else "image"
+                seen[i] = (kind, counts[kind], r)
+                counts[kind] += 1
+        return [seen[i] for i in sorted(seen)]
+
+    def _select_onevision(self, picked: list[int]) -> LlavaInputs:
+        """`__getitem__` for OneVision inputs: each row keeps its images, videos and images-per-prompt count."""
+        items = self.visual_items()
+        chosen = [(n, it) for r in picked for n, it in enumerate(items) if it[2] == r]
+        images = [it[1] for _, it in chosen if it[0] == "image"]
+        videos = [it[1] for _, it in chosen if it[0] == "video"]
+        counts = [sum(1 for it in items if it[0] == "image" and it[2] == r) for r in picked]
+        index = lambda t: None if t is None else t[torch.tensor(picked, dtype=torch.long, device=t.device)]  # noqa: E731
+        per_row = lambda xs: None if xs is None else [xs[r] for r in picked]  # noqa: E731
+        take = lambda t, ids: None if t is None or not ids else t[ids]  # noqa: E731
+        return replace(
+            self,
+            input_ids=index(self.input_ids),
+            attention_mask=index(self.attention_mask),
+            pixel_values=take(self.pixel_values, images),
+            pixel_values_videos=take(self.pixel_values_videos, videos),
+            question_mask=index(self.question_mask),
+            boxes=per_row(self.boxes),
+            texts=per_row(self.texts),
+            image_sizes=[self.image_sizes[i] for i in images] if self.image_sizes and images else None,
+            token_tables=[self.token_tables[n] for n, _ in chosen] if self.token_tables else None,
+            batch_num_images=[n for n in counts if n] if self.batch_num_images is not None and images else None,
+        )
+
     # --- roles ---------------------------------------------------------------------------
     @property
     def image_mask(self) -> Bool[Tensor, "batch pos"]:
-        if self.image_token_id is None:
+        """Every visual position: image placeholders, and OneVision's video placeholders."""
+        mask = self.placeholder_mask("image")
+        return mask | self.placeholder_mask("video") if self.video_token_id is not None else mask
+
+    def placeholder_mask(self, kind: str = "image") -> Bool[Tensor, "batch pos"]:
+        """Real positions holding the `kind` ("image" or "video") placeholder."""
+        token_id = {"image": self.image_token_id, "video": self.video_token_id}[kind]
+        if token_id is None:
             return torch.zeros_like(self.input_ids, dtype=torch.bool)
-        return (self.input_ids == self.image_token_id) & self.attention_mask.bool()
+        return (self.input_ids == token_id) & self.attention_mask.bool()
 
     @property
     def last(self) -> Int[Tensor, " batch"]:
@@ -163,7 +224,7 @@ class LlavaInputs:
             rc[mask] = torch.tensor(cells, dtype=torch.long, device=mask.device)
             return rc
         order = mask.flatten().long().cumsum(0).view_as(mask) - 1
-        j = order % max(self.tokens_per_image, 1) - int(self.has_cls)
+        j = order % max(self.tokens_per_image, 1) - int(self.has_cls) + int(self.skips_first_patch)
         rc = torch.stack([j // max(self.grid_size, 1), j % max(self.grid_size, 1)], dim=-1)
         return torch.where((mask & (j >= 0))[..., None], rc, -1)
 

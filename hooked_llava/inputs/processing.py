@@ -11,8 +11,10 @@ from hooked_llava.inputs import checks
 from hooked_llava.inputs.geometry import Box
 from hooked_llava.inputs.images import to_byte_range
 from hooked_llava.inputs.llava_inputs import LlavaInputs, question_spans
+from hooked_llava.inputs.onevision_prompts import onevision_request
 from hooked_llava.inputs.prompts import check_known_words, format_questions
 from hooked_llava.model import next as next_
+from hooked_llava.model import onevision
 
 if TYPE_CHECKING:
     from hooked_llava.model.hooked_llava import HookedLlava
@@ -30,12 +32,26 @@ def wrap_ids(
         raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(ids.shape)}.")
     vision = model.vision.cfg if model.vision is not None else None
     tiled = model.cfgs.pinpoints is not None
+    video_sizes = extra.pop("video_sizes", None)
     if pixel_values is not None and vision is not None:
         checks.pixel_values(pixel_values, vision, model.W_E.dtype, tiles=tiled)
         if tiled:
             sizes = checks.image_sizes(extra.get("image_sizes"), pixel_values.shape[0])
-            layouts = model.layouts(sizes)
-            extra.update(image_sizes=sizes, token_tables=[next_.token_table(lay, vision.patch_size) for lay in layouts])
+            counts = extra.get("batch_num_images")
+            if counts is not None:
+                counts = [int(n) for n in (counts.tolist() if isinstance(counts, Tensor) else counts)]
+                extra["batch_num_images"] = counts
+            layouts = model.layouts(sizes, counts)
+            table = next_.token_table if model.cfgs.packing == "next" else onevision.token_table
+            extra.update(image_sizes=sizes, token_tables=[table(lay, vision.patch_size) for lay in layouts])
+    if model.cfgs.packing == "onevision":
+        extra["video_token_id"] = model.cfgs.video_token_id
+        videos = extra.get("pixel_values_videos")
+        if videos is not None and vision is not None:
+            checks.video_pixels(videos, vision, "onevision")
+            sizes = video_sizes or [(vision.image_size, vision.image_size)] * videos.shape[0]
+            tables = [onevision.video_table(videos.shape[1], vision.grid_size, tuple(s)) for s in sizes]
+            extra["token_tables"] = _in_order(ids, mask, model, extra.get("token_tables") or [], tables)
     return LlavaInputs(
         input_ids=ids,
         attention_mask=mask.long(),
@@ -43,9 +59,26 @@ def wrap_ids(
         image_token_id=model.cfg.image_token_id,
         tokens_per_image=vision.n_image_tokens if vision else 0,
         grid_size=vision.grid_size if vision else 0,
-        has_cls=bool(vision and vision.select_strategy == "full"),
+        has_cls=bool(vision and vision.has_cls and vision.select_strategy == "full"),
+        skips_first_patch=bool(vision and not vision.has_cls and vision.select_strategy == "default"),
         **extra,
     )
+
+
+def _in_order(ids: Tensor, mask: Tensor, model: HookedLlava, images: list, videos: list) -> list:
+    """Image and video token tables in the order their placeholders appear (batch row, then position)."""
+    image_id, video_id = model.cfg.image_token_id, model.cfgs.video_token_id
+    real = mask.bool()
+    kinds = ids[real & ((ids == image_id) | (ids == video_id))].tolist()
+    queues = {image_id: iter(images), video_id: iter(videos)}
+    tables, i = [], 0
+    while i < len(kinds):
+        table = next(queues[kinds[i]], None)
+        if table is None:
+            raise ValueError("the prompts hold more image or video placeholders than the images and videos given.")
+        tables.append(table)
+        i += len(table)
+    return tables
 
 
 def _images(images: Any, prompts: list[str], image_token: str) -> list[Any] | None:
@@ -88,6 +121,12 @@ def _question_mask(
     return mask
 
 
+def _squashes(image_processor: Any) -> bool:
+    """A processor that resizes straight to `height × width` (SigLIP's) rather than by the shortest edge."""
+    size = getattr(image_processor, "size", None) or {}
+    return bool(size.get("height") and size.get("width")) and not getattr(image_processor, "do_center_crop", False)
+
+
 def _crop(image_processor: Any) -> tuple[int, int] | None:
     size = getattr(image_processor, "size", None) or {}
     crop = getattr(image_processor, "crop_size", None) or {}
@@ -101,6 +140,10 @@ def _tokenize(processor: Any, images: list[Any] | None, prompts: list[str], span
     tokenizer = getattr(processor, "tokenizer", processor)
     side, tokenizer.padding_side = tokenizer.padding_side, padding_side
     kwargs = {"return_tensors": "pt", "padding": True, "return_offsets_mapping": True}
+    # OneVision: `<video>` placeholders arrive expanded (see `onevision_prompts`); the processor must not count them.
+    video_token = getattr(processor, "video_token", None) if tokenizer is not processor else None
+    if video_token is not None:
+        processor.video_token = None
     try:
         if tokenizer is processor:
             out = tokenizer(prompts, **kwargs)
@@ -108,6 +151,8 @@ def _tokenize(processor: Any, images: list[Any] | None, prompts: list[str], span
             out = processor(images=images, text=prompts, **kwargs)
     finally:
         tokenizer.padding_side = side
+        if video_token is not None:
+            processor.video_token = video_token
     check_known_words(tokenizer, prompts, spans, out["input_ids"], out["attention_mask"])
     return out
 
@@ -119,8 +164,10 @@ def encode(
     spans: list[tuple[int, int] | None],
     boxes: Any,
     padding_side: str,
+    videos: dict[str, Any] | None = None,
 ) -> LlavaInputs:
-    """Run the HF processor on images and prompts and record each position's role."""
+    """Run the HF processor on images and prompts and record each position's role (`videos`: OneVision's
+    `pixel_values_videos` and `video_sizes`, their placeholders already expanded in the prompts)."""
     processor = model.processor
     if processor is None:
         raise ValueError(
@@ -130,16 +177,23 @@ def encode(
     image_token = getattr(processor, "image_token", None) or "<image>"
     if model.vision is None:
         _no_images(model, images)
-    image_list = None if model.vision is None else _images(images, prompts, image_token)
+    per_prompt = [len(x) for x in images] if _nested(images) else None  # OneVision: images of each prompt
+    flat = [im for x in images for im in x] if per_prompt is not None else images
+    image_list = None if model.vision is None else _images(flat, prompts, image_token)
     if boxes is not None and len(boxes) != len(prompts):
         raise ValueError(f"boxes must hold one list of boxes per prompt: got {len(boxes)} for {len(prompts)} prompts.")
-    out = _tokenize(processor, image_list, prompts, spans, padding_side)
+    given = image_list
+    if per_prompt is not None and image_list:  # regrouped: the OneVision processor reads the nesting
+        it = iter(image_list)
+        given = [[next(it) for _ in range(n)] for n in per_prompt]
+    out = _tokenize(processor, given, prompts, spans, padding_side)
     sizes = [(im.height, im.width) if hasattr(im, "height") else tuple(im.shape[-2:]) for im in image_list or []]
     if "image_sizes" in out:  # LLaVA-NeXT processors report them
         sizes = [tuple(int(v) for v in s) for s in out["image_sizes"].tolist()]
     counts = [model.vision.cfg.n_image_tokens if model.vision is not None else 0] * len(sizes)
+    per_image = {} if out.get("batch_num_images") is None else {"batch_num_images": out["batch_num_images"].tolist()}
     if model.cfgs.pinpoints is not None:  # LLaVA-NeXT: the count depends on each image's size
-        counts = [lay.n_tokens for lay in model.layouts(sizes)]
+        counts = [lay.n_tokens for lay in model.layouts(sizes, per_image.get("batch_num_images"))]
     if model.vision is None:  # a text-only model: a placeholder in its prompt stays one token
         counts = [1] * sum(p.count(image_token) for p in prompts)
     question = _question_mask(out["offset_mapping"], prompts, spans, image_token, counts)
@@ -152,8 +206,15 @@ def encode(
         boxes=boxes,
         image_sizes=sizes or None,
         crop=_crop(getattr(processor, "image_processor", None)),
+        squash=model.cfgs.packing == "llava" and _squashes(getattr(processor, "image_processor", None)),
         texts=prompts,
+        **per_image,
+        **(videos or {}),
     )
+
+
+def _nested(images: Any) -> bool:
+    return isinstance(images, (list, tuple)) and any(isinstance(im, (list, tuple)) for im in images)
 
 
 def prepare(
@@ -169,6 +230,9 @@ def prepare(
     attention_mask: Tensor | None = None,
     image_sizes: Any = None,
     padding_side: str = "left",
+    videos: Any = None,
+    pixel_values_videos: Tensor | None = None,
+    batch_num_images: Any = None,
 ) -> LlavaInputs:
     """Build `LlavaInputs` with the model's HF processor, or wrap ids the caller tokenised.
 
@@ -180,6 +244,10 @@ def prepare(
     `"USER: {question}\\nASSISTANT:"` without images). Text-only models take no images. A word
     the tokenizer does not know is a ValueError that names it.
 
+    LLaVA-OneVision: `images` may be nested, one list per question (several images in one prompt, or
+    `[]` for a text-only row); `videos` gives one video per question (a list of frames, or None), and
+    HF-style calls pass `pixel_values_videos` and `batch_num_images`.
+
     Example:
         >>> inputs = model.prepare(images=[img], questions=["What is the color of the circle?"])
         >>> inputs.positions("question")
@@ -187,8 +255,14 @@ def prepare(
     if input_ids is not None:
         if images is not None or prompts is not None or questions is not None:
             raise ValueError("give either input_ids (tokenised yourself) or images/prompts, not both.")
-        extra = {} if image_sizes is None else {"image_sizes": image_sizes}
+        given = dict(
+            image_sizes=image_sizes, pixel_values_videos=pixel_values_videos, batch_num_images=batch_num_images
+        )
+        extra = {k: v for k, v in given.items() if v is not None}
         return wrap_ids(model, input_ids, pixel_values, attention_mask, **extra)
+    if videos is not None or _nested(images):
+        images, prompts, spans, video = onevision_request(model, images, videos, prompts, questions, template)
+        return encode(model, images, prompts, spans, boxes, padding_side, videos=video)
     if questions is not None:
         questions = [questions] if isinstance(questions, str) else list(questions)
         if prompts is not None:

@@ -5,6 +5,7 @@
 - `convert.py`: pure state-dict conversions from Hugging Face layouts; `CheckpointError`.
 - `agreement.py`: `config.json` against the saved processor config (image token, strategy, sizes).
 - `pretrained.py`: `from_pretrained` (`LoadingMixin`), from an HF model, a folder or a hub id.
+- `processors.py`: LLaVA-OneVision's processor where HF cannot build it (no torchvision: images and text).
 - `devices.py`: placing the model's parts across devices (`device_map=`), memory per part.
 
 May import: `hooked_llava.model.config` and the model's building blocks. Never `analyses`,

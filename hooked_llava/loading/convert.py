@@ -35,6 +35,7 @@ PREFIXES = (
 # Keys a checkpoint may carry that HookedLlava deliberately does not use.
 IGNORED = (
     r"vision:post_layernorm\..*",  # never reaches the language model
+    r"vision:head\..*",  # SigLIP's attention-pooling head, unused by LLaVA
     r"vision:embeddings\.position_ids",
     r"lm:layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
     r"lm:rotary_emb\.inv_freq",
@@ -122,6 +123,15 @@ def convert_clip_vision(src: _Keys, cfgs: LlavaConfigs) -> dict[str, Tensor]:
         "vision.ln_pre.w": src.take("pre_layrnorm.weight", (d,)),
         "vision.ln_pre.b": src.take("pre_layrnorm.bias", (d,)),
     }
+    out.update(_vision_blocks(src, cfgs))
+    return out
+
+
+def _vision_blocks(src: _Keys, cfgs: LlavaConfigs) -> dict[str, Tensor]:
+    """The encoder layers CLIP and SigLIP share (same key names); layers past the deepest feature layer are skipped."""
+    v = cfgs.vision
+    assert v is not None
+    d, out = v.d_model, {}
     for i in range(v.n_layers):
         p, q = f"encoder.layers.{i}.", f"vision.blocks.{i}."
         if i >= v.n_layers_computed:
@@ -137,6 +147,20 @@ def convert_clip_vision(src: _Keys, cfgs: LlavaConfigs) -> dict[str, Tensor]:
         out[q + "mlp.bias_in"] = src.take(p + "mlp.fc1.bias", (v.d_mlp,))
         out[q + "mlp.w_out"] = src.take(p + "mlp.fc2.weight", (d, v.d_mlp))
         out[q + "mlp.bias_out"] = src.take(p + "mlp.fc2.bias", (d,))
+    return out
+
+
+def convert_siglip_vision(src: _Keys, cfgs: LlavaConfigs) -> dict[str, Tensor]:
+    """SigLIP: patch conv with bias, positions without CLS, no pre-LayerNorm; the computed blocks only."""
+    v = cfgs.vision
+    assert v is not None
+    d, p = v.d_model, v.patch_size
+    out = {
+        "vision.w_patch": src.take("embeddings.patch_embedding.weight", (d, v.n_channels, p, p)),
+        "vision.b_patch": src.take("embeddings.patch_embedding.bias", (d,)),
+        "vision.w_pos": src.take("embeddings.position_embedding.weight", (v.n_ctx, d)),
+    }
+    out.update(_vision_blocks(src, cfgs))
     return out
 
 
@@ -185,7 +209,8 @@ def convert(sd: dict[str, Tensor], cfgs: LlavaConfigs, tied: bool = False) -> di
     out = convert_llama(keys["lm"], cfgs)
     out.update(convert_head(keys["head"], cfgs, out["embed.W_E"], tied))
     if multimodal:
-        out.update(convert_clip_vision(keys["vision"], cfgs))
+        tower = convert_siglip_vision if cfgs.vision.tower == "siglip" else convert_clip_vision  # type: ignore[union-attr]
+        out.update(tower(keys["vision"], cfgs))
         out.update(convert_projector(keys["projector"], cfgs))
     if cfgs.pinpoints is not None:
         out["image_newline"] = keys["newline"].take("", (cfgs.lm.d_model,))

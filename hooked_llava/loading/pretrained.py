@@ -18,6 +18,7 @@ from hooked_llava.loading import devices
 from hooked_llava.loading.agreement import check_processor
 from hooked_llava.loading.checkpoint_files import load_weights, read_json, regular_file, weight_files
 from hooked_llava.loading.convert import CheckpointError, convert
+from hooked_llava.loading.processors import load_onevision_processor
 from hooked_llava.loading.resolve import SHIPPED, resolve
 from hooked_llava.model.config import InvalidConfigError, configs_from_hf
 from hooked_llava.model.weights import REFACTOR_REFUSED
@@ -57,6 +58,7 @@ def read_checkpoint(directory: Path, allow_pickle: bool = False) -> dict[str, to
 def _load_processor(directory: Path) -> Any:
     """The processor (or tokenizer) saved in `directory`; None if it has no processor files at all."""
     from transformers import AutoProcessor, AutoTokenizer
+    from transformers.utils import is_torchvision_available
 
     present = [directory / name for name in PROCESSOR_FILES if (directory / name).exists()]
     if not present:
@@ -64,15 +66,25 @@ def _load_processor(directory: Path) -> Any:
     for path in present:  # a FIFO would block the reader; a broken JSON file would be skipped silently
         read_json(path) if path.suffix == ".json" else regular_file(path)
     errors = []
-    for loader in (AutoProcessor, AutoTokenizer):
+    # OneVision's processor needs torchvision in HF; without it, the same processor for images and text.
+    loaders = (AutoProcessor.from_pretrained, AutoTokenizer.from_pretrained)
+    if _model_type(directory) == "llava_onevision" and not is_torchvision_available():
+        loaders = (load_onevision_processor, *loaders)
+    for loader in loaders:
         try:
-            return loader.from_pretrained(directory)
-        except Exception as err:  # noqa: BLE001 - both failures are reported below
-            errors.append(f"{loader.__name__}: {type(err).__name__}: {str(err)[:300]}")
+            return loader(directory)
+        except Exception as err:  # noqa: BLE001 - every failure is reported below
+            name = getattr(loader, "__qualname__", str(loader)).split(".")[0]
+            errors.append(f"{name}: {type(err).__name__}: {str(err)[:300]}")
     raise CheckpointError(
         f"the processor files in {directory} ({', '.join(p.name for p in present)}) could not be loaded "
         f"({'; '.join(errors)}). Fix or remove them, or pass processor=... to use your own."
     )
+
+
+def _model_type(directory: Path) -> str | None:
+    config = directory / "config.json"
+    return read_json(config).get("model_type") if config.exists() else None
 
 
 def _read_config(directory: Path, name: str) -> Any:

@@ -6,7 +6,9 @@
   errors that refuse a config.
 - `components.py`, `attention.py`, `hook_points.py`: norms, MLPs, embeddings, blocks, attention
   and the hook point they all report through.
-- `vision.py`: the CLIP vision tower and the projector; `next.py`: LLaVA-NeXT's anyres packing.
+- `vision/`: the vision towers (CLIP, SigLIP) and the projector, chosen from the config by `build_tower`;
+  `next.py`: LLaVA-NeXT's anyres packing; `onevision.py`: LLaVA-OneVision's (anyres_max with
+  downsampling, several images per prompt, video) and its position map.
 - `kv_cache.py`: key/value caches; `weights.py`, `tl_state.py`: TransformerLens weight views,
   weight processing and state-dict names.
 

@@ -1,8 +1,9 @@
 """Configuration dataclasses for HookedLlava, built from Hugging Face configs.
 
 `LanguageConfig` describes the Llama-architecture language model and is what `model.cfg`
-holds; `VisionConfig` describes the CLIP tower (`model.vision.cfg`); `ProjectorConfig` the
-two-layer projector. Each is derived by one function that maps every field explicitly and
+holds; `VisionConfig` describes the CLIP or SigLIP tower (`model.vision.cfg`); `ProjectorConfig` the
+two-layer projector; `LlavaConfigs.packing` names how image features become a sequence ("llava",
+"next" or "onevision"). Each is derived by one function that maps every field explicitly and
 refuses what it does not support with a message saying what to do.
 """
 
@@ -71,7 +72,7 @@ class LanguageConfig(HookSwitches, TransformerLensConfig):
 
 @dataclass
 class VisionConfig(HookSwitches, TransformerLensConfig):
-    """The CLIP vision tower (`model.vision.cfg`); only `n_layers_computed` blocks run."""
+    """The vision tower (`model.vision.cfg`), CLIP or SigLIP; only `n_layers_computed` blocks run."""
 
     image_size: int = 336
     patch_size: int = 14
@@ -83,6 +84,11 @@ class VisionConfig(HookSwitches, TransformerLensConfig):
     normalization_type: str | None = "LN"
     act_fn: str = "quick_gelu"
     attention_bias: bool = True
+    tower: str = "clip"  # "clip" (CLS token, pre-LayerNorm) or "siglip" (neither)
+
+    @property
+    def has_cls(self) -> bool:
+        return self.tower == "clip"
 
     @property
     def grid_size(self) -> int:
@@ -94,7 +100,7 @@ class VisionConfig(HookSwitches, TransformerLensConfig):
 
     @property
     def n_image_tokens(self) -> int:
-        return self.n_patches + (self.select_strategy == "full")
+        return self.n_patches + int(self.has_cls) - int(self.select_strategy == "default")
 
 
 @dataclass
@@ -114,6 +120,9 @@ class LlavaConfigs:
     projector: ProjectorConfig | None
     hf_config: Any = field(default=None, repr=False)
     pinpoints: tuple[tuple[int, int], ...] | None = None  # LLaVA-NeXT anyres grid resolutions (height, width)
+    packing: str = "llava"  # "llava" (one view per image), "next" (anyres) or "onevision" (anyres_max, video)
+    max_num_patches: int | None = None  # OneVision's "anyres_max_N": N base views' worth of high-res tokens
+    video_token_id: int | None = None  # OneVision
 
 
 def _check_act(name: str, where: str) -> str:
@@ -204,11 +213,13 @@ def _feature_layers(layer: int | list[int], n_layers: int) -> tuple[tuple[int, .
 
 
 def vision_config(v: Any, feature_layer: int | list[int], strategy: str, dtype: torch.dtype) -> VisionConfig:
-    """Map a Hugging Face CLIP vision config onto `VisionConfig`."""
-    if v.model_type not in ("clip_vision_model", "clip"):
+    """Map a Hugging Face CLIP or SigLIP vision config onto `VisionConfig`."""
+    towers = {"clip_vision_model": "clip", "clip": "clip", "siglip_vision_model": "siglip", "siglip": "siglip"}
+    if v.model_type not in towers:
         raise UnsupportedConfigError(
-            f"vision tower type {v.model_type!r} is not supported; HookedLlava implements CLIP."
+            f"vision tower type {v.model_type!r} is not supported; HookedLlava implements CLIP and SigLIP."
         )
+    tower = towers[v.model_type]
     if strategy not in SELECT_STRATEGIES:
         raise UnsupportedConfigError(
             f"vision_feature_select_strategy {strategy!r} is not supported; use one of {SELECT_STRATEGIES}."
@@ -220,7 +231,7 @@ def vision_config(v: Any, feature_layer: int | list[int], strategy: str, dtype: 
         d_model=v.hidden_size,
         d_head=v.hidden_size // v.num_attention_heads,
         n_layers=v.num_hidden_layers,
-        n_ctx=grid * grid + 1,
+        n_ctx=grid * grid + int(tower == "clip"),
         n_heads=v.num_attention_heads,
         d_mlp=v.intermediate_size,
         eps=v.layer_norm_eps,
@@ -231,36 +242,41 @@ def vision_config(v: Any, feature_layer: int | list[int], strategy: str, dtype: 
         feature_layers=layers,
         select_strategy=strategy,
         n_layers_computed=computed,
+        tower=tower,
         dtype=dtype,
         device="cpu",
     )
 
 
+ARCHITECTURES = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+}
+PACKINGS = {"llava": "llava", "llava_next": "next", "llava_onevision": "onevision"}
+
+
 def configs_from_hf(hf_config: Any, dtype: torch.dtype | None = None) -> LlavaConfigs:
-    """Build all configs from a `LlavaConfig` (or a plain Llama config for text-only models)."""
+    """Build all configs from a `LlavaConfig`, `LlavaNextConfig` or `LlavaOnevisionConfig` (or a plain
+    Llama, Mistral or Qwen2 config for text-only models)."""
     dtype = dtype or torch.float32
-    if hf_config.model_type not in ("llava", "llava_next"):
+    if hf_config.model_type not in ARCHITECTURES:
         if hf_config.model_type in SUPPORTED_TEXT_MODELS:
             lm = language_config(hf_config, dtype)
             return LlavaConfigs(lm=lm, vision=None, projector=None, hf_config=hf_config)
         raise UnsupportedConfigError(
-            f"model type {hf_config.model_type!r} is not supported; HookedLlava loads 'llava', 'llava_next' "
+            f"model type {hf_config.model_type!r} is not supported; HookedLlava loads {', '.join(ARCHITECTURES)} "
             f"and text-only {', '.join(SUPPORTED_TEXT_MODELS)} models."
         )
     lm = language_config(hf_config.text_config, dtype)
-    is_next = hf_config.model_type == "llava_next"
-    lm.original_architecture = "LlavaNextForConditionalGeneration" if is_next else "LlavaForConditionalGeneration"
-    if is_next and hf_config.vision_feature_select_strategy != "default":
+    packing = PACKINGS[hf_config.model_type]
+    lm.original_architecture = ARCHITECTURES[hf_config.model_type]
+    if packing == "next" and hf_config.vision_feature_select_strategy != "default":
         raise UnsupportedConfigError(
             "LLaVA-NeXT tiles need the 'default' vision_feature_select_strategy (CLS dropped); "
             f"got {hf_config.vision_feature_select_strategy!r}."
         )
-    lm.image_token_id = hf_config.image_token_id
-    if not isinstance(lm.image_token_id, int) or not 0 <= lm.image_token_id < lm.d_vocab:
-        raise InvalidConfigError(
-            f"image_token_id={lm.image_token_id!r} is not a token id of the {lm.d_vocab}-token vocabulary; "
-            "fix config.json."
-        )
+    lm.image_token_id = _token_id(hf_config.image_token_id, "image_token_id", lm.d_vocab)
     vision = vision_config(
         hf_config.vision_config,
         hf_config.vision_feature_layer,
@@ -273,5 +289,33 @@ def configs_from_hf(hf_config: Any, dtype: torch.dtype | None = None) -> LlavaCo
         act_fn=_check_act(hf_config.projector_hidden_act, "the projector"),
         bias=bool(getattr(hf_config, "multimodal_projector_bias", True)),
     )
-    pinpoints = tuple(tuple(p) for p in hf_config.image_grid_pinpoints) if is_next else None
-    return LlavaConfigs(lm=lm, vision=vision, projector=projector, hf_config=hf_config, pinpoints=pinpoints)
+    cfgs = LlavaConfigs(lm=lm, vision=vision, projector=projector, hf_config=hf_config, packing=packing)
+    if packing != "llava":
+        cfgs.pinpoints = tuple(tuple(p) for p in hf_config.image_grid_pinpoints)
+    if packing == "onevision":
+        _onevision(cfgs, hf_config)
+    return cfgs
+
+
+def _token_id(value: Any, name: str, d_vocab: int) -> int:
+    if not isinstance(value, int) or not 0 <= value < d_vocab:
+        raise InvalidConfigError(
+            f"{name}={value!r} is not a token id of the {d_vocab}-token vocabulary; fix config.json."
+        )
+    return value
+
+
+def _onevision(cfgs: LlavaConfigs, hf_config: Any) -> None:
+    """OneVision's extras: the anyres_max budget and the video placeholder."""
+    ratio = str(getattr(hf_config, "vision_aspect_ratio", "anyres_max_9"))
+    if not ratio.startswith("anyres_max_") or not ratio[len("anyres_max_") :].isdigit():
+        raise UnsupportedConfigError(
+            f"vision_aspect_ratio {ratio!r} is not supported; HookedLlava implements 'anyres_max_N' (as HF does)."
+        )
+    cfgs.max_num_patches = int(ratio[len("anyres_max_") :])
+    if hf_config.vision_feature_select_strategy != "full":  # HF's own packing then fails on the base view
+        raise UnsupportedConfigError(
+            "LLaVA-OneVision packs whole patch grids, so it needs vision_feature_select_strategy 'full'; "
+            f"got {hf_config.vision_feature_select_strategy!r}."
+        )
+    cfgs.video_token_id = _token_id(hf_config.video_token_id, "video_token_id", cfgs.lm.d_vocab)

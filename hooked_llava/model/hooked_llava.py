@@ -1,7 +1,9 @@
-"""`HookedLlava`: LLaVA-1.5 reimplemented as a TransformerLens `HookedRootModule`.
+"""`HookedLlava`: LLaVA (1.5, NeXT, OneVision, Interleave) reimplemented as a TransformerLens `HookedRootModule`.
 
-The forward pass is: CLIP tower → projector → merge into the token embeddings at the
-`<image>` placeholders (`hook_embed`) → Llama blocks → final RMSNorm → unembedding.
+The forward pass is: vision tower (CLIP or SigLIP) → projector → packing (one view per image; NeXT's
+anyres tiles; OneVision's anyres_max tiles, several images per prompt and pooled video frames) →
+merge into the token embeddings at the `<image>` (and `<video>`) placeholders (`hook_embed`) →
+Llama/Mistral/Qwen2 blocks → final RMSNorm → unembedding.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from hooked_llava.inputs.processing import prepare
 from hooked_llava.loading import devices
 from hooked_llava.loading.pretrained import LoadingMixin
 from hooked_llava.model import next as next_
-from hooked_llava.model import tl_state
+from hooked_llava.model import onevision, tl_state
 from hooked_llava.model.attention import Attention, additive_mask, rotary_cos_sin
 from hooked_llava.model.components import Embed, GatedMLP, HookPoint, RMSNorm, TransformerBlock, Unembed
 from hooked_llava.model.config import LanguageConfig, LlavaConfigs
 from hooked_llava.model.kv_cache import KeyValueCache, KeyValueCacheEntry
-from hooked_llava.model.vision import Projector, VisionTower
+from hooked_llava.model.vision import build_tower
+from hooked_llava.model.vision.projector import Projector
 from hooked_llava.model.weights import WeightsMixin
 from hooked_llava.surface.entry import EntryMixin
 from hooked_llava.surface.generation import GenerationMixin
@@ -84,12 +87,14 @@ class HookedLlava(
         self.cfgs = cfgs
         self.cfg: LanguageConfig = cfgs.lm
         self.processor = processor
-        self.vision = VisionTower(cfgs.vision) if cfgs.vision is not None else None
+        self.vision = build_tower(cfgs.vision) if cfgs.vision is not None else None
         self.projector = Projector(cfgs.projector) if cfgs.projector is not None else None
-        if cfgs.pinpoints is not None:  # LLaVA-NeXT
+        if cfgs.pinpoints is not None:  # LLaVA-NeXT and OneVision
             self.image_newline = nn.Parameter(torch.empty(self.cfg.d_model))
-            self.hook_image_newline = HookPoint()  # [rows, d_model]: the newline vectors of one image
+            self.hook_image_newline = HookPoint()  # [rows, d_model]: the newline vectors of one image (or video)
             self.hook_image_features = HookPoint()  # [n_image_tokens, d_model]: all images, packed, before the merge
+        if cfgs.packing == "onevision":
+            self.hook_video_features = HookPoint()  # [n_video_tokens, d_model]: all videos, pooled, before the merge
         self.embed = Embed(self.cfg.d_vocab, self.cfg.d_model)
         self.hook_embed = HookPoint()  # merged sequence: tokens at text, image features at image positions
         self.blocks = nn.ModuleList(_lm_block(self.cfg, layer) for layer in range(self.cfg.n_layers))
@@ -159,23 +164,28 @@ class HookedLlava(
 
     @locked
     def embed_inputs(self, inputs: LlavaInputs) -> Float[Tensor, "batch pos d_model"]:
-        """Token embeddings with the projected image features merged in, through `hook_embed`."""
-        ids = inputs.input_ids
-        embeds = self.embed(ids)
+        """Token embeddings with the projected image (and video) features merged in, through `hook_embed`."""
+        embeds = self.embed(inputs.input_ids)
         if inputs.pixel_values is not None:
-            per_image = self.image_features(inputs.pixel_values, inputs.image_sizes)
+            per_image = self.image_features(inputs.pixel_values, inputs.image_sizes, inputs.batch_num_images)
             checks.image_feature_count(inputs, per_image)
             features = torch.cat(per_image)
             if self.cfgs.pinpoints is not None:
                 features = self.hook_image_features(features)
-            placeholder = inputs.image_mask.unsqueeze(-1)
-            embeds = embeds.masked_scatter(placeholder, features.to(embeds.device, embeds.dtype))
+            embeds = embeds.masked_scatter(inputs.placeholder_mask("image")[..., None], features.to(embeds))
+        if inputs.pixel_values_videos is not None:
+            per_video = self.video_features(inputs.pixel_values_videos)
+            checks.image_feature_count(inputs, per_video, "video")
+            features = self.hook_video_features(torch.cat(per_video))
+            embeds = embeds.masked_scatter(inputs.placeholder_mask("video")[..., None], features.to(embeds))
         return self.hook_embed(embeds)
 
     @locked
-    def image_features(self, pixel_values: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> list[Tensor]:
+    def image_features(
+        self, pixel_values: Tensor, image_sizes: list[tuple[int, int]] | None = None, batch_num_images: Any = None
+    ) -> list[Tensor]:
         """Vision tower and projector: per image, the `[n_tokens, d_model]` vectors that replace
-        its placeholders (for LLaVA-NeXT: base view, unpadded high-res rows and newlines)."""
+        its placeholders (for LLaVA-NeXT and OneVision: base view, unpadded high-res rows and newlines)."""
         if self.vision is None or self.projector is None:
             raise ValueError("this is a text-only model: it has no vision tower; drop the image inputs.")
         tiled = self.cfgs.pinpoints is not None
@@ -184,19 +194,47 @@ class HookedLlava(
         pixel_values = pixel_values.to(self.W_E.device, self.W_E.dtype)
         if not tiled:
             return list(self.projector(self.vision(pixel_values)))
-        layouts = self.layouts(checks.image_sizes(image_sizes, pixel_values.shape[0]))
-        tiles = torch.cat([px[: lay.n_vision_rows] for px, lay in zip(pixel_values, layouts, strict=True)])
-        features = self.projector(self.vision(tiles)).split([lay.n_vision_rows for lay in layouts])
+        sizes = checks.image_sizes(image_sizes, pixel_values.shape[0])
+        packs = self.layouts(sizes, batch_num_images)
+        views = torch.cat([px[: p.n_vision_rows] for px, p in zip(pixel_values, packs, strict=True)])
+        features = self.projector(self.vision(views)).split([p.n_vision_rows for p in packs])
+        if self.cfgs.packing == "onevision":
+            return [
+                onevision.pack(f, p, self.hook_image_newline(self.image_newline.expand(p.n_newlines, -1)))
+                for f, p in zip(features, packs, strict=True)
+            ]
         return [
             next_.pack(f, lay, self.hook_image_newline(self.image_newline.expand(lay.rows, -1)))
-            for f, lay in zip(features, layouts, strict=True)
+            for f, lay in zip(features, packs, strict=True)
         ]
 
-    def layouts(self, image_sizes: list[tuple[int, int]]) -> list[next_.Layout]:
-        """LLaVA-NeXT tiling of each image, from its original `(height, width)`."""
+    @locked
+    def video_features(self, pixel_values_videos: Tensor) -> list[Tensor]:
+        """OneVision: per video `[frames, channels, h, w]`, every frame through the tower and projector,
+        pooled 2×2, then one newline: `[frames · ⌈grid/2⌉² + 1, d_model]`."""
+        assert self.vision is not None and self.projector is not None
+        checks.video_pixels(pixel_values_videos, self.vision.cfg, self.cfgs.packing)
+        checks.finite_pixels(pixel_values_videos.flatten(0, 1))
+        videos = pixel_values_videos.to(self.W_E.device, self.W_E.dtype)
+        n, frames = videos.shape[:2]
+        features = self.projector(self.vision(videos.flatten(0, 1))).view(n, frames, -1, self.cfg.d_model)
+        grid = self.vision.cfg.grid_size
+        return [onevision.pack_video(f, grid, self.hook_image_newline(self.image_newline[None])[0]) for f in features]
+
+    def layouts(self, image_sizes: list[tuple[int, int]], batch_num_images: Any = None) -> list[Any]:
+        """Tiling of each image, from its original `(height, width)`: LLaVA-NeXT `Layout`s, or OneVision
+        `Packing`s (which also depend on how many images each prompt holds, `batch_num_images`)."""
         assert self.vision is not None and self.cfgs.pinpoints is not None
         v = self.vision.cfg
-        return [next_.make_layout(tuple(s), list(self.cfgs.pinpoints), v.image_size, v.patch_size) for s in image_sizes]
+        pins = list(self.cfgs.pinpoints)
+        layouts = [next_.make_layout(tuple(s), pins, v.image_size, v.patch_size) for s in image_sizes]
+        if self.cfgs.packing != "onevision":
+            return layouts
+        multi = checks.multi_image(batch_num_images, len(layouts))
+        assert self.cfgs.max_num_patches is not None
+        return [
+            onevision.make_packing(lay, m, self.cfgs.max_num_patches) for lay, m in zip(layouts, multi, strict=True)
+        ]
 
     @locked
     def run_blocks(
