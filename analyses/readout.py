@@ -21,9 +21,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from analyses import ranges
 from hooked_llava import HookedLlava, LlavaInputs
-
-from . import ranges
 
 Positions = str | Sequence[int] | Tensor
 

@@ -19,7 +19,7 @@ MODULES = [
 def namespace(tiny, images):
     """What the examples assume: a model, a batch, a clean/corrupted pair and a metric."""
     import analyses
-    from analyses.sweep import run_sweep, shapes_examples
+    from analyses.information_flow.sweep import run_sweep, shapes_examples
 
     model, _ = tiny
     inputs = model.prepare(

@@ -11,7 +11,7 @@ import torch
 from conftest import assert_no_hooks, random_norm_twin
 from torch.testing import assert_close
 
-from analyses.lens import logit_lens, token_ranks, top_k_table, word_forms
+from analyses.lens.logit import logit_lens, token_ranks, top_k_table, word_forms
 from analyses.readout import lens_positions
 
 

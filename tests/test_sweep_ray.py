@@ -1,4 +1,4 @@
-"""Sweeps sharded over Ray actors (`analyses.sweep_ray`): on a local cluster, the tables equal the
+"""Sweeps sharded over Ray actors (`analyses.information_flow.ray_sweep`): on a local cluster, the tables equal the
 single-process sweep's; a cluster run resumes a local one and the other way round; a killed worker
 loses nothing; a killed driver is rerun and recomputes nothing it finished. Skipped without ray."""
 
@@ -17,9 +17,9 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from analyses.gqa import ImageFile  # noqa: E402
-from analyses.sweep import BadExampleError, SweepExample, collect, run_sweep, shapes_examples  # noqa: E402
-from analyses.sweep_ray import RaySweepPool  # noqa: E402
+from analyses.information_flow.gqa import ImageFile  # noqa: E402
+from analyses.information_flow.ray_sweep import RaySweepPool  # noqa: E402
+from analyses.information_flow.sweep import BadExampleError, SweepExample, collect, run_sweep, shapes_examples  # noqa: E402
 from hooked_llava import HookedLlava  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def test_a_bad_example_on_a_worker_is_listed_or_stops_the_sweep(pool, examples, 
 
 def test_a_killed_driver_resumes_without_recomputing(cluster, pool, examples, single, tmp_path):
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "hooked_llava.cli", "sweep", "--ray", cluster, "--workers", "2", "--shapes", "2",
+    argv = [sys.executable, "-m", "hooked_llava.cli.main", "sweep", "--ray", cluster, "--workers", "2", "--shapes", "2",
             "--seed", str(SEED), "--window", str(WINDOW), "--flows", ",".join(FLOWS), "--out", str(out)]  # fmt: skip
     driver = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -111,11 +111,11 @@ def values(driver, attribute: str = "data-value", scope: str = "") -> dict[str, 
     return driver.execute_script(script, f"{scope} [{attribute}]".strip(), attribute)
 
 
-def choose(driver, testid: str, value: str) -> None:
+def choose(driver, testid: str, value: str, scope: str = "") -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    Select(driver.find_element(By.CSS_SELECTOR, f"[data-testid='{testid}']")).select_by_value(value)
+    Select(driver.find_element(By.CSS_SELECTOR, f"{scope} [data-testid='{testid}']")).select_by_value(value)
 
 
 def click(driver, testid: str, scope: str = "") -> None:
@@ -280,8 +280,8 @@ def test_feature_explorer_shows_the_encoders_activations_and_labels(model, drive
 
 def check_label(world, scenes, inputs, acts, attribute, label) -> None:
     """The label's precision and recall, recomputed by hand from the scenes' object patches."""
-    from analyses.patch_grid import to_grid
-    from hooked_llava.shapes.world import horizontal_word
+    from analyses.patch_maps import to_grid
+    from hooked_llava.shapes.scene import horizontal_word
 
     fires = (to_grid(inputs, acts).flatten(1) > 0).numpy()  # [scene, cell]
     if not fires.any():
@@ -325,6 +325,40 @@ def test_feature_explorer_takes_a_saelens_sae(model):
     with torch.no_grad():
         acts = sae.encode(model.run_with_cache(inputs, names_filter=[view.payload["hook"]])[1][view.payload["hook"]])
     assert view.payload["features"] == acts[inputs.image_mask].amax(0).topk(2).indices.tolist()
+
+
+# ---- the explain report ----------------------------------------------------------------------------
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+
+
+def test_the_explain_report_embeds_working_explorers(model, inputs, cache, driver, tmp_path):
+    from analyses import logit_lens
+    from analyses.report.explain import explain, write_html
+
+    report = explain(model, inputs, say=lambda msg: None, model_name="shapes-llava")
+    page = write_html(report, tmp_path)
+    assert {p.stem for p in tmp_path.glob("*.png")} >= {"patches_tool", "patches_attention"}  # the PNGs stay
+    assert not EXTERNAL.search(page.read_text())
+    open_page(driver, page)
+    attention, lens = "[data-testid='explorer-attention']", "[data-testid='explorer-lens']"
+    last, cells = int(inputs.last[0]), patch_positions(inputs)
+    choose(driver, "layer-select", "3", attention)
+    choose(driver, "head-select", "1", attention)
+    click(driver, f"token-{last}", attention)
+    pattern = cache["blocks.3.attn.hook_pattern"][0, 1, last]
+    assert_shown(values(driver, scope=attention), {c: float(pattern[p]) for c, p in cells.items()})
+    choose(driver, "layer-select", "4", lens)
+    order = list(cells)
+    top = logit_lens(model, inputs, positions=[cells[c] for c in order], layers=[4])[0, 0].argmax(-1)
+    shown = values(driver, "data-top-token", lens)
+    assert [shown[c] for c in order] == model.tokenizer.convert_ids_to_tokens(top.tolist())
+    assert_clean(driver)
+    from selenium.webdriver.common.by import By
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.find_element(By.CSS_SELECTOR, "#explorer-patches").screenshot(str(ARTIFACTS / "explorer.png"))
+    assert (ARTIFACTS / "explorer.png").stat().st_size > 10_000
 
 
 # ---- what the pages load and weigh -----------------------------------------------------------------

@@ -11,14 +11,15 @@ draw values computed here in Python (quantised for size, see each module's docst
 view weighs at LLaVA-1.5-7B scale). Stable `data-testid` attributes (`token-{i}`, `patch-{r}-{c}`,
 `layer-select`, `head-select`, ...) let tests and users' scripts drive the views.
 
-This package uses `analyses`' public names and `hooked_llava`'s public API; nothing imports it
-except the report.
+May import: the analyses packages below the report (`analyses.lens`, `analyses.patch_maps`,
+`analyses.plotting`, `analyses.saes`, `analyses.readout`) and the public packages of `hooked_llava`.
+Only `analyses.report` imports it (the `layers` contract in pyproject.toml).
 """
 
-from .attention import attention_explorer, build_attention_view
-from .features import feature_explorer
-from .lens import patch_lens_explorer
-from .page import Explorer, decode_array, page_assets
+from analyses.viz.attention import attention_explorer, build_attention_view
+from analyses.viz.features import feature_explorer
+from analyses.viz.lens import patch_lens_explorer
+from analyses.viz.page import Explorer, decode_array, page_assets
 
 __all__ = [
     "Explorer",

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from hooked_llava import HookedLlava, LlavaInputs
 
-from .page import Explorer, encode_array, image_uri
+from analyses.viz.page import Explorer, encode_array, image_uri
 
 BUDGET_16_BIT = 8_000_000  # bytes of 16-bit codes (before deflate) up to which 16 bits are kept
 

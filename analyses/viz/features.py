@@ -25,7 +25,7 @@ import torch
 
 from hooked_llava import HookedLlava
 
-from .page import Explorer, encode_array, image_uri
+from analyses.viz.page import Explorer, encode_array, image_uri
 
 
 def hook_of(sae: Any, hook: str | None) -> str:
@@ -68,7 +68,7 @@ def _scene_parts(model: HookedLlava, inputs: Any, row: int) -> dict[str, Any]:
 
 def _labels(scenes: Sequence[Any], grid_acts: torch.Tensor, grid: int) -> list[dict[str, Any] | None]:
     """Per feature, its best ground-truth attribute on these scenes (None when they are not Shapes scenes)."""
-    from analyses.sae_groundtruth import best_attributes, patch_attributes, precision_recall
+    from analyses.saes import best_attributes, patch_attributes, precision_recall
     from hooked_llava.shapes import ShapesWorld
 
     worlds = {getattr(getattr(s, "scene", None), "image_size", None) for s in scenes}
@@ -134,7 +134,7 @@ def feature_explorer(
         raise ValueError(f"the model has no hook {name!r}; pass hook= with one of model.hook_dict's names.")
     if not scenes:
         raise ValueError("feature_explorer needs at least one scene.")
-    from analyses.patch_grid import to_grid
+    from analyses.patch_maps import to_grid
 
     inputs = model.prepare(images=[s.image for s in scenes], prompts=[s.prompt for s in scenes])
     with torch.no_grad():

@@ -18,17 +18,18 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from analyses import lens_positions, logit_lens, top_k_table
+from analyses.lens import logit_lens, top_k_table
+from analyses.readout import lens_positions
 from hooked_llava import HookedLlava, LlavaInputs
 
-from .page import Explorer, image_uri
+from analyses.viz.page import Explorer, image_uri
 
 LENS_BYTES = 512 * 2**20  # logits held at once while reading the lens
 
 
 def lens_table(model: HookedLlava, inputs: LlavaInputs, layers: Sequence[int], k: int = 5):
     """`top_k_table` of the logit lens at every image patch of a one-row batch, in row-major cell order."""
-    from analyses.patch_grid import grid_positions
+    from analyses.patch_maps import grid_positions
 
     cells = grid_positions(inputs)  # [1, grid * grid], row-major
     per_chunk = max(1, LENS_BYTES // (cells.shape[1] * model.cfg.d_vocab * 4))
@@ -97,6 +98,6 @@ def patch_lens_explorer(
 
 def lens_cells(inputs: LlavaInputs) -> list[int]:
     """Sequence position of each patch-grid cell of row 0, row-major."""
-    from analyses.patch_grid import grid_positions
+    from analyses.patch_maps import grid_positions
 
     return grid_positions(inputs)[0].tolist()

@@ -20,7 +20,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .questions import CATEGORIES, Example, make_dataset
+from hooked_llava.shapes.questions import CATEGORIES, Example
+from hooked_llava.shapes.world import make_dataset
 
 EVAL_SEED = 12345  # never used for training (training worlds use seeds 1000 * seed + stage)
 SETTINGS: tuple[str, ...] = ("llava_visual", "llava_text", "lm_text")
@@ -114,7 +115,7 @@ def format_table(table: pd.DataFrame) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
-    from . import checkpoint_path
+    from hooked_llava.shapes import checkpoint_path
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llava", default=str(checkpoint_path("shapes-llava")), help="LLaVA checkpoint directory")
