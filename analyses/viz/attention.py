@@ -28,9 +28,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from hooked_llava import HookedLlava, LlavaInputs
-
 from analyses.viz.page import Explorer, encode_array, image_uri
+from hooked_llava import HookedLlava, LlavaInputs
 
 BUDGET_16_BIT = 8_000_000  # bytes of 16-bit codes (before deflate) up to which 16 bits are kept
 

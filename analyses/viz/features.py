@@ -23,9 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hooked_llava import HookedLlava
-
 from analyses.viz.page import Explorer, encode_array, image_uri
+from hooked_llava import HookedLlava
 
 
 def hook_of(sae: Any, hook: str | None) -> str:

@@ -20,9 +20,8 @@ import torch
 
 from analyses.lens import logit_lens, top_k_table
 from analyses.readout import lens_positions
-from hooked_llava import HookedLlava, LlavaInputs
-
 from analyses.viz.page import Explorer, image_uri
+from hooked_llava import HookedLlava, LlavaInputs
 
 LENS_BYTES = 512 * 2**20  # logits held at once while reading the lens
 
