@@ -10,7 +10,7 @@ What it weighs: the view ships the attention rows of the selectable queries only
 text positions for the language model, every position for the vision tower), for every layer and
 for each head plus the mean, as square roots quantised over [0, 1] (fine steps for small weights:
 16 bits while that stays under 8 MB of codes, else 8 bits), deflated and base64-encoded. On the
-Shapes model (85 positions, 21 text queries, 8 layers x 8 heads) the page weighs about 0.25 MB. At
+Shapes model (85 positions, 21 text queries, 8 layers x 8 heads) the page weighs about 0.3 MB. At
 LLaVA-1.5-7B scale (576 image tokens, about 620 positions, 45 text queries, 32 layers x 32 heads)
 it is 8-bit and weighs at most 39 MB whatever the pattern (base64 of incompressible codes:
 4/3 x 32 x 33 x 45 x 620 bytes); a fake 7B pattern with an attention sink on BOS, as LLaVA has,

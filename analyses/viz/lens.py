@@ -6,9 +6,9 @@ the chosen layer; hovering shows its top 5 with probabilities. Readout `l < n_la
 `resid_pre[l]`, readout `n_layers` the final `resid_post`, as in `logit_lens`.
 
 What it weighs: 5 token ids (into a table of the distinct tokens) and 5 probabilities per patch
-and readout. Shapes model: 9 readouts x 64 patches, about 60 kB with the image. LLaVA-1.5-7B: 33
-readouts x 576 patches x 5, about 1.2 MB. The lens is computed a few layers at a time so that the
-`[layer, patch, d_vocab]` logits stay under about 0.5 GB at 7B's 32000-token vocabulary.
+and readout, as JSON. Shapes model: 9 readouts x 64 patches, about 60 kB with the image.
+LLaVA-1.5-7B: 33 readouts x 576 patches x 5, about 1.3 MB. The lens is computed a few layers at a
+time so that the `[layer, patch, d_vocab]` logits stay under about 0.5 GB at 7B's 32000-token vocabulary.
 """
 
 from __future__ import annotations

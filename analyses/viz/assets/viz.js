@@ -221,7 +221,7 @@
     const scenes = P.scenes.map((S, s) => {
       const box = el("div", { class: "hlv-scene", "data-testid": `scene-${s}` });
       const img = imagePanel(S.image, P.grid, px);
-      const strip = el("div", { class: "hlv-tokens hlv-small" });
+      const strip = el("div", { class: "hlv-tokens hlv-small", style: `max-width:${Math.max(px, 220)}px` });
       const nodes = S.cells.map(([r, c], i) => {
         if (r >= 0) return img.cells[r][c];
         const tok = el("span", { class: "hlv-token", "data-testid": `token-${S.positions[i]}` }, label(S.tokens[i]));
