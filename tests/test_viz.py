@@ -361,6 +361,25 @@ def test_the_explain_report_embeds_working_explorers(model, inputs, cache, drive
     assert (ARTIFACTS / "explorer.png").stat().st_size > 10_000
 
 
+def test_notebook_01_shows_a_working_attention_explorer(driver, tmp_path):
+    """The committed, executed quickstart holds an explorer that draws in a browser (as in VS Code or Jupyter)."""
+    import nbformat
+
+    notebook = nbformat.read(Path(__file__).resolve().parents[1] / "notebooks" / "01_quickstart.ipynb", as_version=4)
+    shown = [
+        out["data"]["text/html"]
+        for cell in notebook.cells
+        for out in cell.get("outputs", [])
+        if "hlv-root" in out.get("data", {}).get("text/html", "")
+    ]
+    assert len(shown) == 1 and 'data-kind="attention"' in shown[0]
+    page = tmp_path / "notebook_output.html"
+    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'></head><body>{shown[0]}</body></html>")
+    open_page(driver, page)
+    assert len(values(driver)) > 64  # every patch and text token shows a value
+    assert_clean(driver)
+
+
 # ---- what the pages load and weigh -----------------------------------------------------------------
 
 
