@@ -153,6 +153,8 @@ def test_attention_explorer_shows_the_models_pattern(model, inputs, cache, drive
     text = [p for p in range(inputs.input_ids.shape[1]) if not inputs.image_mask[0, p]]
     assert_shown(shown, {f"token-{p}": float(pattern[1, last, p]) for p in text})
 
+    hover_and_scale(driver, shown, list(cells))
+
     other = int(inputs.positions("question")[0][-1])  # the question's "?"
     click(driver, f"token-{other}")
     moved = values(driver)
@@ -165,6 +167,18 @@ def test_attention_explorer_shows_the_models_pattern(model, inputs, cache, drive
     key = cells["patch-2-3"]
     assert_shown(values(driver), {f"token-{q}": float(pattern[:, q, key].mean()) for q in text})
     assert_clean(driver)
+
+
+def hover_and_scale(driver, shown: dict[str, str], cells: list[str]) -> None:
+    """Hovering a patch shows its exact value; the image's colour scale runs from 0 to the largest patch value."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    find = lambda testid: driver.find_element(By.CSS_SELECTOR, f"[data-testid='{testid}']")  # noqa: E731
+    ActionChains(driver).move_to_element(find("patch-4-6")).perform()
+    assert find("hover-info").text.endswith(shown["patch-4-6"])
+    assert float(find("scale-image-min").text) == 0
+    assert abs(float(find("scale-image-max").text) - max(float(shown[c]) for c in cells)) < 1e-9
 
 
 def test_attention_explorer_on_the_vision_tower(model, inputs, cache, driver, tmp_path):
