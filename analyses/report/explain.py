@@ -92,6 +92,9 @@ def _explorers(model: HookedLlava, inputs: LlavaInputs, report: Report) -> None:
     """The interactive views shown beside the static figures: attention by the patches, the lens on the patches."""
     from analyses.viz import attention_explorer, patch_lens_explorer
 
+    if inputs.token_tables is not None:  # LLaVA-NeXT tiles: the explorers draw one LLaVA-1.5 patch grid
+        report.notes.setdefault("embedding", "The interactive explorers need a LLaVA-1.5 patch grid (not NeXT tiles).")
+        return
     report.explorers["patches"] = attention_explorer(model, inputs)
     report.explorers["embedding"] = patch_lens_explorer(model, inputs)
 
