@@ -27,7 +27,7 @@ window.addEventListener('load', () => {
     const s = document.getElementById(id);
     out.push(id + ':' + (s && s.innerText.trim().length > 0 ? 'ok' : 'missing'));
   }
-  for (const img of document.images)
+  for (const img of document.querySelectorAll('img:not(.hlv-root img)'))  // explorers are checked in test_viz
     out.push(img.alt.replace(/ /g, '_') + ':' + (img.naturalWidth > 50 && img.naturalHeight > 50 ? 'ok' : 'empty'));
   const cells = [...document.querySelectorAll('td')].map(td => td.innerText.trim());
   out.push('nan_cells:' + cells.filter(c => /^(nan|NaN|inf|-inf)$/.test(c) || c === '').length);

@@ -88,7 +88,21 @@ def explain(
     _timed(report, "attention knockout", say, lambda: _knockout(model, inputs, report, flows or default))
     if has_image and not tiled:
         _timed(report, "embedding projection", say, lambda: embedding_section(model, inputs, report))
+        start = time.perf_counter()
+        _explorers(model, inputs, report)
+        report.timings["interactive explorers"] = time.perf_counter() - start
     return report
+
+
+def _explorers(model: HookedLlava, inputs: LlavaInputs, report: Report) -> None:
+    """The interactive views shown beside the static figures: attention by the patches, the lens on the patches."""
+    from analyses.viz import attention_explorer, patch_lens_explorer
+
+    if inputs.token_tables is not None:  # LLaVA-NeXT tiles: the explorers draw one LLaVA-1.5 patch grid
+        report.notes.setdefault("embedding", "The interactive explorers need a LLaVA-1.5 patch grid (not NeXT tiles).")
+        return
+    report.explorers["patches"] = attention_explorer(model, inputs)
+    report.explorers["embedding"] = patch_lens_explorer(model, inputs)
 
 
 def _picture(inputs: LlavaInputs) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The HTML page of `hooked-llava explain`: one self-contained file, figures embedded as PNG.
+"""The HTML page of `hooked-llava explain`: one self-contained file, figures embedded as PNG, and the
+interactive explorers of `analyses.viz` beside them (their scripts inlined once, no network).
 
 Each figure carries a sentence saying how to read it; tables hold no NaN (missing values are
 left out, and confidence columns are not shown for a single example).
@@ -17,6 +18,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from analyses.report.report import Report
+from analyses.viz import page_assets
 
 STYLE = (
     "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em;color:#222}"
@@ -50,6 +52,12 @@ HEADINGS = {
     "patches": "Which image patches it comes from",
     "knockout": "Which information flows it needs (attention knockout)",
     "embedding": "Top image patches in vocabulary space",
+}
+EXPLORER_CAPTIONS = {
+    "patches": "Interactive: click a token to see its attention over the image patches and the text at any layer "
+    "and head (or their mean); click a patch to see which tokens attend to it; hover for the exact value.",
+    "embedding": "Interactive: every image patch read through the logit lens, its top token written on it, at the "
+    "readout you choose; hover for its top five with probabilities.",
 }
 TABLE_CAPTIONS = {
     "top_heads": "The ten heads with the largest log-probability increase (rank 1 = largest).",
@@ -102,6 +110,10 @@ def _section(report: Report, key: str, pngs: dict[str, bytes]) -> str:
     table = {"heads": "top_heads", "knockout": "knockout", "embedding": "embedding"}.get(key)
     if table in report.tables:
         parts.append(f"<p>{TABLE_CAPTIONS[table]}</p>" + _table(report.tables[table]))
+    if key in report.explorers:
+        caption = html.escape(EXPLORER_CAPTIONS[key])
+        view = report.explorers[key].fragment(assets=False)  # the scripts come once, at the end of the page
+        parts.append(f'<div class="explorer" id="explorer-{key}"><p>{caption}</p>{view}</div>')
     return "".join(parts) + "</section>"
 
 
@@ -144,6 +156,7 @@ def write_html(report: Report, out_dir: str | Path) -> Path:
         f"</title><style>{STYLE}</style></head><body><h1>Why does the model answer {html.escape(report.answer)}?</h1>"
         + "".join(body)
         + _timings(report)
+        + (page_assets() if report.explorers else "")
         + "</body></html>"
     )
     path = out / "report.html"

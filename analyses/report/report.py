@@ -5,6 +5,7 @@ noise floor of a readout, and how a token is shown.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,7 @@ class Report:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)  # sentences shown in the report, by section
     maps: dict[str, torch.Tensor] = field(default_factory=dict)  # patch maps, [grid, grid]
+    explorers: dict[str, Any] = field(default_factory=dict)  # interactive views (analyses.viz), by section
     timings: dict[str, float] = field(default_factory=dict)
 
 
