@@ -1,19 +1,19 @@
 """Analyses built on HookedLlava.
 
 Each analysis is a function `(model, inputs, ...)` returning labelled tensors or tidy pandas
-DataFrames, and leaves the model without hooks. Plotting lives in `analyses.plotting`.
+DataFrames, and leaves the model without hooks. Plotting lives in `analyses.plotting.figures`.
 """
 
-from .ablation import ablate_heads, head_ablation_scan
-from .attention_knockout import knockout, knockout_sweep
-from .attribution import direct_logit_attribution, log_prob_increase, top_heads, top_units
-from .contributions import FrozenReadout
-from .embedding import embedding_projection, mrr, reciprocal_ranks, vocab_scores
-from .knockout_stats import summarize_knockout
-from .lens import logit_lens, token_ranks, top_k_table, word_forms
-from .occlusion import faithfulness
-from .patch_maps import patch_importance
-from .patching import (
+from analyses.ablation import ablate_heads, head_ablation_scan
+from analyses.attribution.contributions import FrozenReadout
+from analyses.attribution.scores import direct_logit_attribution, log_prob_increase, top_heads, top_units
+from analyses.information_flow.attention_knockout import knockout, knockout_sweep
+from analyses.information_flow.stats import summarize_knockout
+from analyses.lens.embedding import embedding_projection, mrr, reciprocal_ranks, vocab_scores
+from analyses.lens.logit import logit_lens, token_ranks, top_k_table, word_forms
+from analyses.patch_maps.maps import patch_importance
+from analyses.patch_maps.occlusion import faithfulness
+from analyses.patching.activation import (
     attribute_attn_out,
     attribute_heads,
     attribute_image_blocks,
@@ -23,9 +23,9 @@ from .patching import (
     patch_image_blocks,
     patch_residual,
 )
-from .plot_flows import plot_head_scan, plot_knockout, plot_patching, plot_sweep
-from .plotting import plot_head_scores, plot_logit_lens, plot_patch_heatmap
-from .readout import lens_positions
+from analyses.plotting.figures import plot_head_scores, plot_logit_lens, plot_patch_heatmap
+from analyses.plotting.flows import plot_head_scan, plot_knockout, plot_patching, plot_sweep
+from analyses.readout import lens_positions
 
 __all__ = [
     "ablate_heads",

@@ -19,9 +19,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from analyses import ranges
 from hooked_llava import HookedLlava, LlavaInputs
-
-from . import ranges
 
 Head = tuple[int, int] | str
 Method = Literal["zero", "mean"]

@@ -70,7 +70,11 @@ def token_id(value: Any, d_vocab: int) -> int:
 
 def positions(inputs: LlavaInputs, value: str | Sequence[int] | Tensor) -> str | list[int] | Tensor:
     """A role name unchanged; a bool mask checked against `[batch, pos]`; explicit positions (a list,
-    a `[n]` or a per-row `[batch, n]` tensor) range-checked and made non-negative."""
+    a `[n]` or a per-row `[batch, n]` tensor) range-checked and made non-negative.
+
+    Negative positions count back from each row's last real token (`-1` is `inputs.last`). With left
+    padding (or none) that is the end of the sequence, and a list stays a list; on a right-padded
+    batch the result is a per-row `[batch, n]` tensor, so `-1` never lands on a padding position."""
     if isinstance(value, str):
         return value
     batch, seq = inputs.input_ids.shape
@@ -87,5 +91,22 @@ def positions(inputs: LlavaInputs, value: str | Sequence[int] | Tensor) -> str |
             f"position {int(bad[0])} is out of range: the sequence has positions 0..{seq - 1} "
             f"(or -{seq}..-1 from the end)."
         )
+    ends = inputs.last.cpu() + 1  # [batch]: a negative position counts back from each row's last real token
+    if bool((t < 0).any()) and bool((ends < seq).any()):
+        return _from_row_ends(t.long(), ends).to(inputs.input_ids.device)
     fixed = t.long() % seq
     return fixed.to(inputs.input_ids.device) if t.ndim == 2 else fixed.reshape(-1).tolist()
+
+
+def _from_row_ends(t: Tensor, ends: Tensor) -> Tensor:
+    """Per-row `[batch, n]` positions on a right-padded batch: `-1` is each row's last real token (as
+    `inputs.last`), not a padding position at the end of the shorter rows."""
+    rows = t.expand(len(ends), -1) if t.ndim == 1 else t
+    fixed = torch.where(rows < 0, rows + ends[:, None], rows)
+    if bool((fixed < 0).any()):
+        r = int((fixed < 0).any(1).nonzero()[0, 0])
+        raise OutOfRange(
+            f"position {int(rows[r][fixed[r] < 0][0])} is out of range in row {r}: negative positions count back "
+            f"from each row's last real token, and row {r} has {int(ends[r])} tokens."
+        )
+    return fixed

@@ -21,9 +21,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from analyses import ranges
 from hooked_llava import HookedLlava, LlavaInputs
-
-from . import ranges
 
 Positions = str | Sequence[int] | Tensor
 
@@ -34,7 +33,8 @@ def lens_positions(inputs: LlavaInputs, positions: Positions = "last") -> Int[Te
     Args:
         inputs: the prepared batch.
         positions: a role ("image", "question", "last", "text", "related", ...), a list of
-            positions shared by every row (negative indices count from the end), an int
+            positions shared by every row (negative ones count back from each row's last real
+            token), an int
             tensor `[batch, n_pos]` of per-row positions, or a bool mask `[batch, pos]`.
             Positions outside the sequence raise an error naming the valid range.
 

@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from analyses.attention_knockout import knockout, knockout_sweep
-from analyses.flows import resolve_flows, window_layers
+from analyses.information_flow.attention_knockout import knockout, knockout_sweep
+from analyses.information_flow.flows import resolve_flows, window_layers
 from hooked_llava.testing import random_images, tiny_model
 
 FLOWS = ["question->last", "image->last", "image->question"]

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from analyses.patch_maps import patch_importance
+from analyses.patch_maps.maps import patch_importance
 from hooked_llava import HookedLlava
 from hooked_llava.testing import random_images, tiny_llava_config, tiny_processor
 

@@ -18,7 +18,7 @@ import harness as h
 import torch
 import torch.nn.functional as F
 
-from hooked_llava import attention
+from hooked_llava.model import attention
 
 
 def hf_softmax(scores: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,8 @@ import time
 
 import torch
 
-from analyses.sweep import run_sweep, shapes_examples
-from analyses.sweep_ray import RaySweepPool
+from analyses.information_flow.ray_sweep import RaySweepPool
+from analyses.information_flow.sweep import run_sweep, shapes_examples
 from hooked_llava import HookedLlava
 
 FLOWS = ["question->last", "image->last", "image->question", "last->last", "related->question", "other->question"]

@@ -137,7 +137,7 @@ def tiny_hf_llava(seed: int = 0, random_norms: bool = False, **config: Any) -> A
 
 def tiny_model(seed: int = 0, **config: Any) -> tuple[Any, Any]:
     """`(HookedLlava, hf_model)` sharing the same random weights, with a tiny processor."""
-    from .model import HookedLlava
+    from hooked_llava.model.hooked_llava import HookedLlava
 
     hf = tiny_hf_llava(seed, **config)
     vision = hf.config.vision_config

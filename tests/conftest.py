@@ -132,7 +132,7 @@ def batch(tiny, images):
 @pytest.fixture(scope="module")
 def state(saved):
     """The saved tiny checkpoint's tensors, by name."""
-    from hooked_llava.loading import read_checkpoint
+    from hooked_llava.loading.pretrained import read_checkpoint
 
     return dict(read_checkpoint(saved))
 

@@ -8,7 +8,7 @@ from conftest import assert_no_hooks
 from torch.testing import assert_close
 
 from analyses.ablation import ablate_heads, head_ablation_scan, head_means, parse_heads
-from analyses.plot_flows import plot_head_scan
+from analyses.plotting.flows import plot_head_scan
 
 QUESTIONS = ["What is the color of the circle?", "Is the square red?"]
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from test_architectures import PROMPTS, SIZES, _image, _next
 
-from analyses.anyres import anyres_maps, token_importance
-from analyses.attention_knockout import knockout, knockout_sweep
-from analyses.attribution import log_prob_increase
-from analyses.plotting import plot_anyres_maps
+from analyses.attribution.scores import log_prob_increase
+from analyses.information_flow.attention_knockout import knockout, knockout_sweep
+from analyses.patch_maps.anyres import anyres_maps, token_importance
+from analyses.plotting.figures import plot_anyres_maps
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import torch
 from conftest import SHORT_PROMPTS, assert_no_hooks, random_norm_twin
 from torch.testing import assert_close
 
-from analyses.attribution import direct_logit_attribution, log_prob_increase, top_heads, top_units
-from analyses.contributions import head_vectors, position_vectors
+from analyses.attribution.contributions import head_vectors, position_vectors
+from analyses.attribution.scores import direct_logit_attribution, log_prob_increase, top_heads, top_units
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +300,7 @@ def frozen_scores_by_hand(model, x, v, final, y):
 def layer_scores_by_hand(model, inputs):
     """Attention-layer scores of every row, in float64, from the same last-position activations the
     analysis collects (two forward passes can differ by float32 rounding, which would hide the readout's)."""
-    from analyses.contributions import run_at_last
+    from analyses.attribution.contributions import run_at_last
 
     n = model.cfg.n_layers
     names = [f"blocks.{i}.{h}" for i in range(n) for h in ("hook_resid_pre", "hook_attn_out")]

@@ -206,7 +206,7 @@ def test_verdict_needs_the_whole_interval_below_the_target():
 
 
 def test_softmax_ab_times_both_softmaxes_and_restores_the_blockwise_one(capsys):
-    from hooked_llava import attention
+    from hooked_llava.model import attention
 
     blockwise = attention.softmax_fp32
     softmax_ab.main(["--config", "tiny", "--rounds", "2"])

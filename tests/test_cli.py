@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from hooked_llava import cli
-from hooked_llava.cli_inputs import UsageError
+from hooked_llava.cli import main as cli
+from hooked_llava.cli.arguments import UsageError
 
 
 def _fail_to_load(name):

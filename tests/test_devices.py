@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from hooked_llava import devices
-from hooked_llava.kv_cache import KeyValueCache
-from hooked_llava.model import HookedLlava
+from hooked_llava.loading import devices
+from hooked_llava.model.hooked_llava import HookedLlava
+from hooked_llava.model.kv_cache import KeyValueCache
 from hooked_llava.testing import random_images, tiny_model
 
 PROMPTS = [
@@ -197,8 +197,8 @@ def test_run_blocks_from_a_cached_residual_equals_the_single_device_model(pair, 
 
 
 def test_knockout_and_patching_equal_the_single_device_model(pair, inputs):
-    from analyses.attention_knockout import knockout_sweep
-    from analyses.patching import patch_image_blocks
+    from analyses.information_flow.attention_knockout import knockout_sweep
+    from analyses.patching.activation import patch_image_blocks
 
     model, split = pair
     sweeps = [knockout_sweep(m, inputs, "Image→Last", window=1, progress=False) for m in (model, split)]
@@ -251,7 +251,7 @@ def _size(n):
 
 
 def test_the_memory_table_in_the_docs_matches_the_configs():
-    from hooked_llava.config import configs_from_hf
+    from hooked_llava.model.config import configs_from_hf
 
     rows = {
         "LLaVA-1.5-7B": _published("1.5", 4096, 11008, 32, 32, 32, 32064),

@@ -9,9 +9,9 @@ import inspect
 import pytest
 
 MODULES = [
-    "flows", "attention_knockout", "knockout_stats", "ablation", "patching", "patching_common", "patching_attribution",
-    "plot_flows", "anyres", "explain", "sweep", "sweep_examples",
-    "gqa",
+    "information_flow.flows", "information_flow.attention_knockout", "information_flow.stats", "ablation",
+    "patching.activation", "patching.common", "patching.attribution", "plotting.flows", "patch_maps.anyres",
+    "report.explain", "information_flow.sweep", "information_flow.examples", "information_flow.gqa",
 ]  # fmt: skip
 
 
@@ -19,7 +19,7 @@ MODULES = [
 def namespace(tiny, images):
     """What the examples assume: a model, a batch, a clean/corrupted pair and a metric."""
     import analyses
-    from analyses.sweep import run_sweep, shapes_examples
+    from analyses.information_flow.sweep import run_sweep, shapes_examples
 
     model, _ = tiny
     inputs = model.prepare(

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import assert_no_hooks, random_norm_twin
 from torch.testing import assert_close
 
-from analyses.embedding import embedding_projection, mrr, reciprocal_ranks
+from analyses.lens.embedding import embedding_projection, mrr, reciprocal_ranks
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from hooked_llava import UnsupportedConfigError
-from hooked_llava.config import configs_from_hf
+from hooked_llava.model.config import configs_from_hf
 from hooked_llava.testing import random_images, tiny_llava_config
 
 

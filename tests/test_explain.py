@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from analyses import explain as explain_module
-from analyses.explain import explain, write_html
-from analyses.explain_patches import object_rank
-from hooked_llava.cli_inputs import DEFAULT_SCENE, build_inputs, load_model, scene
+from analyses.report import explain as explain_module
+from analyses.report.explain import explain, write_html
+from analyses.report.patches import object_rank
+from hooked_llava.cli.arguments import DEFAULT_SCENE, build_inputs, load_model, scene
 from hooked_llava.testing import random_images
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -27,7 +27,7 @@ window.addEventListener('load', () => {
     const s = document.getElementById(id);
     out.push(id + ':' + (s && s.innerText.trim().length > 0 ? 'ok' : 'missing'));
   }
-  for (const img of document.images)
+  for (const img of document.querySelectorAll('img:not(.hlv-root img)'))  // explorers are checked in test_viz
     out.push(img.alt.replace(/ /g, '_') + ':' + (img.naturalWidth > 50 && img.naturalHeight > 50 ? 'ok' : 'empty'));
   const cells = [...document.querySelectorAll('td')].map(td => td.innerText.trim());
   out.push('nan_cells:' + cells.filter(c => /^(nan|NaN|inf|-inf)$/.test(c) || c === '').length);

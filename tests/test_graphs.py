@@ -233,7 +233,7 @@ def test_circuit_tracer_json(small_graph, tmp_path):
 
 def _truth_by_hand(world, example, name):
     """Row-major patches then the last position: where attribute `name` holds, read off the scene directly."""
-    from hooked_llava.shapes.world import horizontal_word
+    from hooked_llava.shapes.scene import horizontal_word
 
     truth = torch.zeros(world.grid**2 + 1, dtype=torch.bool)
     asked = next(o for o in example.scene.objects if o.shape in example.question)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import PROMPTS
 
-from hooked_llava.geometry import box_to_patches
+from hooked_llava.inputs.geometry import box_to_patches
 from hooked_llava.testing import random_images
 
 STUDY_B = (
@@ -181,7 +181,7 @@ def test_unknown_words_outside_the_question_only_warn(strict, images):
 
 
 def test_a_large_vocabulary_is_not_listed():
-    from hooked_llava.prompts import unknown_words_message
+    from hooked_llava.inputs.prompts import unknown_words_message
 
     class Big:
         all_special_tokens = ["<unk>"]

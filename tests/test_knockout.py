@@ -11,10 +11,10 @@ import torch
 from conftest import assert_no_hooks
 from torch.testing import assert_close
 
-from analyses.attention_knockout import knockout, knockout_sweep
-from analyses.flows import flow_mask, resolve_flows, window_layers
-from analyses.knockout_stats import summarize_knockout, t_quantile
-from analyses.plot_flows import plot_knockout
+from analyses.information_flow.attention_knockout import knockout, knockout_sweep
+from analyses.information_flow.flows import flow_mask, resolve_flows, window_layers
+from analyses.information_flow.stats import summarize_knockout, t_quantile
+from analyses.plotting.flows import plot_knockout
 
 QUESTIONS = ["What is the color of the circle?", "Is the square red?"]
 BOXES = [[(0, 0, 12, 12)], [(8, 16, 30, 31)]]
@@ -261,7 +261,7 @@ def test_delta_log_prob_matches_hf_hand_masks(deep, padded):
 
 def test_pil_box_rule_is_one_pixel_wider(deep, padded):
     """box_rule="pil" equals the default rule on boxes widened by one pixel by hand."""
-    from hooked_llava.geometry import box_to_patches
+    from hooked_llava.inputs.geometry import box_to_patches
     from hooked_llava.testing import random_images
 
     # 48x64 image, crop 32: resized to 32x42, 5 columns cut on the left; x = 19 * 42/64 - 5 = 7.47 < 8.

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hooked_llava import CheckpointError, HookedLlava
-from hooked_llava.loading import read_checkpoint
+from hooked_llava.loading.pretrained import read_checkpoint
 
 
 def _logits(model, batch):

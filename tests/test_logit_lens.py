@@ -11,7 +11,7 @@ import torch
 from conftest import assert_no_hooks, random_norm_twin
 from torch.testing import assert_close
 
-from analyses.lens import logit_lens, token_ranks, top_k_table, word_forms
+from analyses.lens.logit import logit_lens, token_ranks, top_k_table, word_forms
 from analyses.readout import lens_positions
 
 
@@ -162,15 +162,15 @@ def test_no_hooks_left_even_when_a_hook_raises(setup, monkeypatch):
 
 
 MODULES = [
-    "lens",
+    "lens.logit",
     "readout",
-    "embedding",
-    "attribution",
-    "contributions",
-    "patch_grid",
-    "patch_maps",
-    "occlusion",
-    "plotting",
+    "lens.embedding",
+    "attribution.scores",
+    "attribution.contributions",
+    "patch_maps.grid",
+    "patch_maps.maps",
+    "patch_maps.occlusion",
+    "plotting.figures",
 ]
 
 

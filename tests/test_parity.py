@@ -128,7 +128,7 @@ def test_padding_does_not_change_a_prompts_logits(tiny, images):
 @pytest.mark.parametrize("block", [1, 7, 1 << 20])
 def test_blockwise_pattern_softmax_equals_hf_eager_softmax_exactly(dtype, block, monkeypatch):
     """The pattern is HF eager's `softmax(scores, dtype=fp32).to(dtype)`, bit for bit, however the rows are blocked."""
-    from hooked_llava import attention
+    from hooked_llava.model import attention
 
     monkeypatch.setattr(attention, "SOFTMAX_BLOCK", block)
     scores = (torch.randn(2, 3, 5, 11) * 4).to(dtype)

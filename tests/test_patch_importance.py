@@ -9,10 +9,10 @@ import torch
 from conftest import SHORT_PROMPTS, assert_no_hooks, random_norm_twin
 from torch.testing import assert_close
 
-from analyses.attribution import log_prob_increase
-from analyses.occlusion import faithfulness
-from analyses.patch_grid import grid_positions
-from analyses.patch_maps import patch_importance
+from analyses.attribution.scores import log_prob_increase
+from analyses.patch_maps.grid import grid_positions
+from analyses.patch_maps.maps import patch_importance
+from analyses.patch_maps.occlusion import faithfulness
 
 
 @pytest.fixture(scope="module")

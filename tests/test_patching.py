@@ -9,7 +9,7 @@ import transformer_lens.patching as tl_patching
 from conftest import assert_no_hooks
 from torch.testing import assert_close
 
-from analyses.patching import (
+from analyses.patching.activation import (
     attribute_attn_out,
     attribute_heads,
     attribute_image_blocks,
@@ -23,7 +23,7 @@ from analyses.patching import (
     patch_residual,
     to_frame,
 )
-from analyses.plot_flows import plot_patch_grid, plot_patching
+from analyses.plotting.flows import plot_patch_grid, plot_patching
 
 QUESTIONS = ["What is the color of the circle?", "Is the square red?"]
 every = slice(None)
@@ -214,7 +214,7 @@ def test_shapes_model_colour_patching():
 
     from hooked_llava import HookedLlava
     from hooked_llava.shapes import COLORS, ShapesWorld
-    from hooked_llava.shapes.world import render
+    from hooked_llava.shapes.scene import render
 
     model = HookedLlava.from_pretrained("shapes-llava")
     example = ShapesWorld(0).example(0, "Colour")

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.testing import assert_close
 
-from analyses.plotting import (
+from analyses.plotting.figures import (
     CLIP_MEAN,
     CLIP_STD,
     plot_head_scores,

@@ -16,8 +16,8 @@ import torch
 from conftest import logits_of, weights_folder
 
 from hooked_llava import CheckpointError, HookedLlava
-from hooked_llava import resolve as resolve_module
-from hooked_llava.resolve import HUB_TIMEOUT_S, _within, hub_timeout, resolve
+from hooked_llava.loading import resolve as resolve_module
+from hooked_llava.loading.resolve import HUB_TIMEOUT_S, _within, hub_timeout, resolve
 
 # --- item 3: the hub, local-looking paths, FIFOs -------------------------------------------------
 

@@ -16,7 +16,7 @@ from conftest import logits_of, weights_folder
 from safetensors.torch import save_file
 
 from hooked_llava import CheckpointError, HookedLlava
-from hooked_llava.config import InvalidConfigError
+from hooked_llava.model.config import InvalidConfigError
 
 HEAD = "language_model.lm_head.weight"
 
@@ -208,7 +208,7 @@ def test_nonsense_config_values_are_errors_naming_the_field(section, field, valu
 )
 def test_configs_edited_in_memory_are_checked_too(section, field, value, message):
     """transformers validates some fields when it reads config.json, but not when they are assigned later."""
-    from hooked_llava.config import configs_from_hf
+    from hooked_llava.model.config import configs_from_hf
     from hooked_llava.testing import tiny_llava_config
 
     config = tiny_llava_config()

@@ -1,4 +1,4 @@
-"""SAE feature analyses (`analyses.saes`) on a tiny random model with a random SAELens SAE."""
+"""SAE feature analyses (`analyses.saes.features`) on a tiny random model with a random SAELens SAE."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def sae_lens():
 
 @pytest.fixture(scope="module")
 def model(sae_lens):
-    from hooked_llava.saes import HookedSAELlava
+    from hooked_llava.saes.splice import HookedSAELlava
     from hooked_llava.testing import tiny_hf_llava, tiny_processor
 
     return HookedSAELlava.from_hf(tiny_hf_llava(0), tiny_processor(32, 8, "default"))
@@ -47,7 +47,7 @@ def _encoded(model, sae, inputs):
 
 
 def test_patch_map_is_the_feature_at_each_patch(model, sae, inputs):
-    from analyses.saes import feature_patch_map
+    from analyses.saes.features import feature_patch_map
 
     acts = _encoded(model, sae, inputs)[..., 5]
     grid = feature_patch_map(model, sae, inputs, 5)
@@ -61,7 +61,7 @@ def test_patch_map_is_the_feature_at_each_patch(model, sae, inputs):
 
 
 def test_top_activations_are_the_largest_over_the_dataset(model, sae):
-    from analyses.saes import top_activations
+    from analyses.saes.features import top_activations
     from hooked_llava.shapes import ShapesWorld
 
     examples = [ShapesWorld(1).example(i, "Colour") for i in range(5)]
@@ -80,7 +80,7 @@ def test_top_activations_are_the_largest_over_the_dataset(model, sae):
 
 
 def test_ablation_at_image_positions_matches_an_independent_edit(model, sae, inputs):
-    from analyses.saes import answer_log_prob, edit_features
+    from analyses.saes.features import answer_log_prob, edit_features
 
     red = torch.tensor([model.to_single_token("red")] * 2)
     metric = answer_log_prob(red)
@@ -114,7 +114,7 @@ def test_ablation_at_image_positions_matches_an_independent_edit(model, sae, inp
 
 
 def test_attribution_predicts_small_edits(model, sae, inputs):
-    from analyses.saes import answer_log_prob, feature_attribution
+    from analyses.saes.features import answer_log_prob, feature_attribution
 
     metric = answer_log_prob(torch.tensor([model.to_single_token("red")] * 2))
     attribution = feature_attribution(model, sae, inputs, metric, positions="image")

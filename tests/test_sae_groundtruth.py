@@ -1,11 +1,11 @@
-"""Ground-truth scores of units on Shapes-world patches (`analyses.sae_groundtruth`); needs no SAELens."""
+"""Ground-truth scores of units on Shapes-world patches (`analyses.saes.groundtruth`); needs no SAELens."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from analyses.sae_groundtruth import (
+from analyses.saes.groundtruth import (
     attribute_names,
     best_attributes,
     ground_truth_scores,
@@ -15,7 +15,7 @@ from analyses.sae_groundtruth import (
     summarize,
 )
 from hooked_llava.shapes import ShapesWorld
-from hooked_llava.shapes.world import horizontal_word
+from hooked_llava.shapes.scene import horizontal_word
 
 
 class IdentitySAE:
@@ -88,7 +88,7 @@ def test_an_sae_of_attribute_detectors_is_monosemantic_and_random_directions_are
 
 
 def test_feature_families_cover_an_attribute_together():
-    from analyses.sae_groundtruth import feature_families
+    from analyses.saes.groundtruth import feature_families
 
     attrs = torch.zeros(6, len(attribute_names()), dtype=torch.bool)
     attrs[:4, 0] = True  # "object" on patches 0-3

@@ -1,4 +1,4 @@
-"""The Shapes activation source and SAELens's trainer on a tiny random HookedLlava (`hooked_llava.sae_training`)."""
+"""The Shapes activation source and SAELens's trainer on a tiny random HookedLlava (`hooked_llava.saes.training`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hooked_llava.sae_training import ShapesActivations
+from hooked_llava.saes.training import ShapesActivations
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -57,7 +57,7 @@ def test_saelens_trainer_lowers_the_loss_and_resumes_exactly(model, tmp_path):
     pytest.importorskip("sae_lens", reason="needs the sae extra: pip install -e '.[sae]'")
     from sae_lens import SAE, TopKSAE
 
-    from hooked_llava.sae_training import build_sae, train_sae
+    from hooked_llava.saes.training import build_sae, train_sae
 
     kw = dict(d_sae=96, k=8, total_samples=128 * 12, batch_size=128, examples_per_batch=8, lr=3e-3, n_checkpoints=1)
     held_out = ShapesActivations(model, HOOK, seed=99, batch_size=128, examples_per_batch=8).batch(0)

@@ -1,4 +1,4 @@
-"""SAELens SAEs spliced into HookedLlava (`hooked_llava.saes`) and trained with SAELens's trainer.
+"""SAELens SAEs spliced into HookedLlava (`hooked_llava.saes.splice`) and trained with SAELens's trainer.
 
 Needs the `sae` extra (SAELens, which pins TransformerLens 3.x); without it only the import test runs.
 """
@@ -18,7 +18,7 @@ HOOK = "blocks.1.hook_resid_post"
 
 
 def test_core_imports_without_sae_lens():
-    for name in ("hooked_llava", "hooked_llava.saes", "hooked_llava.sae_training"):
+    for name in ("hooked_llava", "hooked_llava.saes.splice", "hooked_llava.saes.training"):
         importlib.import_module(name)  # SAELens is imported lazily, only where an SAE is built or trained
 
 
@@ -29,7 +29,7 @@ def sae_lens():
 
 @pytest.fixture(scope="module")
 def model(sae_lens):
-    from hooked_llava.saes import HookedSAELlava
+    from hooked_llava.saes.splice import HookedSAELlava
     from hooked_llava.testing import tiny_hf_llava, tiny_processor
 
     hf = tiny_hf_llava(0)
@@ -101,7 +101,7 @@ def test_editing_features_is_not_undone_by_the_error_term(model, inputs, sae_len
 
 
 def test_add_and_reset_restore_the_plain_model(model, inputs, sae_lens):
-    from hooked_llava.components import HookPoint
+    from hooked_llava.model.components import HookPoint
 
     plain = model(inputs)
     first, second = make_sae(sae_lens, seed=1), make_sae(sae_lens, seed=2)
@@ -129,8 +129,8 @@ def test_bad_saes_get_clear_messages(model, inputs, sae_lens):
 def test_shipped_sae_loads_with_saelens_and_reconstructs_its_hook(sae_lens):
     import json
 
-    from hooked_llava.sae_card import reconstruction_stats
-    from hooked_llava.saes import HookedSAELlava
+    from analyses.saes.card import reconstruction_stats
+    from hooked_llava.saes.splice import HookedSAELlava
     from hooked_llava.shapes import ShapesWorld, checkpoint_path
 
     folder = checkpoint_path("shapes-llava-sae")

@@ -148,8 +148,8 @@ def test_hooked_from_pretrained_matches_hf_offline(name, monkeypatch):
 
 def test_main_command_explains_the_shipped_model(tmp_path, capsys):
     """`hooked-llava explain` with no model argument uses the shipped checkpoint and writes the report."""
-    from hooked_llava.cli import main
-    from hooked_llava.cli_inputs import DEFAULT_SCENE, scene
+    from hooked_llava.cli.arguments import DEFAULT_SCENE, scene
+    from hooked_llava.cli.main import main
 
     assert main(["explain", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out

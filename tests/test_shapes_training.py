@@ -59,8 +59,8 @@ def test_packed_branches_equal_single_prompts():
 def test_object_phrases_name_every_object_once():
     """Stage 1's region term contrasts each object with all 108 phrases; each object matches exactly one."""
     from hooked_llava.shapes.data import encode
+    from hooked_llava.shapes.scene import describe_object
     from hooked_llava.shapes.stages import object_phrases
-    from hooked_llava.shapes.world import describe_object
 
     phrases = object_phrases()
     assert len(phrases) == len(set(phrases)) == 6 * 6 * 3

@@ -11,7 +11,7 @@ import pytest
 
 from hooked_llava.shapes import CATEGORIES, COLORS, SHAPES, ShapesWorld, make_dataset
 from hooked_llava.shapes.questions import REL_SEPARATION, SIDE_MARGIN
-from hooked_llava.shapes.world import horizontal_word, shape_mask
+from hooked_llava.shapes.scene import horizontal_word, shape_mask
 
 # sha256 of scene bytes, recorded once; a change to generation or rasterisation breaks them.
 GOLDEN_SCENES = {

@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses.attention_knockout import knockout_sweep
-from analyses.gqa import GQAFormatError, gqa_examples
-from analyses.knockout_stats import summarize_knockout, t_quantile
-from analyses.plot_flows import plot_sweep
-from analyses.sweep import (
+from analyses.information_flow.attention_knockout import knockout_sweep
+from analyses.information_flow.gqa import GQAFormatError, gqa_examples
+from analyses.information_flow.keys import SettingsChangedError, claim_folder, model_fingerprint
+from analyses.information_flow.stats import summarize_knockout, t_quantile
+from analyses.information_flow.sweep import (
     BadExampleError,
     SweepExample,
     answer_token,
@@ -28,7 +28,7 @@ from analyses.sweep import (
     shapes_examples,
     write_tables,
 )
-from analyses.sweep_keys import SettingsChangedError, claim_folder, model_fingerprint
+from analyses.plotting.flows import plot_sweep
 from hooked_llava.testing import random_images, tiny_model
 
 FLOWS = ["question->last", "image->last"]
@@ -298,8 +298,8 @@ def test_answer_outside_the_vocabulary_is_an_error(tiny):
 @pytest.fixture
 def cli(tiny, monkeypatch):
     """`hooked-llava sweep ...` on the tiny model; returns (exit status, stderr)."""
-    from hooked_llava import cli as module
-    from hooked_llava.model import HookedLlava
+    from hooked_llava.cli import main as module
+    from hooked_llava.model.hooked_llava import HookedLlava
 
     monkeypatch.setattr(HookedLlava, "from_pretrained", classmethod(lambda cls, name, **kw: tiny[0]))
 
@@ -384,8 +384,8 @@ def test_a_failed_start_records_no_settings(tiny, examples, tmp_path):
 
 NO_RAY = """
 import sys
-import analyses.sweep_ray, hooked_llava.cli
-from analyses.sweep import SweepExample, run_sweep
+import analyses.information_flow.ray_sweep, hooked_llava.cli.main
+from analyses.information_flow.sweep import SweepExample, run_sweep
 from hooked_llava.testing import random_images, tiny_model
 example = SweepExample("a", "A", sys.argv[2], "red", random_images(1)[0], [(0, 0, 8, 8)])
 run_sweep(tiny_model()[0], [example], sys.argv[1], flows=["image->last"], window=1, progress=False)

@@ -1,4 +1,4 @@
-"""Sweeps sharded over Ray actors (`analyses.sweep_ray`): on a local cluster, the tables equal the
+"""Sweeps sharded over Ray actors (`analyses.information_flow.ray_sweep`): on a local cluster, the tables equal the
 single-process sweep's; a cluster run resumes a local one and the other way round; a killed worker
 loses nothing; a killed driver is rerun and recomputes nothing it finished. Skipped without ray."""
 
@@ -17,9 +17,9 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from analyses.gqa import ImageFile  # noqa: E402
-from analyses.sweep import BadExampleError, SweepExample, collect, run_sweep, shapes_examples  # noqa: E402
-from analyses.sweep_ray import RaySweepPool  # noqa: E402
+from analyses.information_flow.gqa import ImageFile  # noqa: E402
+from analyses.information_flow.ray_sweep import RaySweepPool  # noqa: E402
+from analyses.information_flow.sweep import BadExampleError, SweepExample, collect, run_sweep, shapes_examples  # noqa: E402
 from hooked_llava import HookedLlava  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,8 +103,33 @@ def test_a_killed_worker_loses_nothing(pool, examples, single, tmp_path):
     with pytest.warns(UserWarning, match=r"a Ray sweep worker died .* is run again"):
         tables = pool.sweep(examples, tmp_path, progress=False, on_example=kill_first_worker, **SETTINGS)
     assert sorted(finished) == sorted(ex.id for ex in examples)  # each stored once
-    assert len(list((tmp_path / "examples").glob("*.examples.csv"))) == len(examples)
+    assert len(list((tmp_path / "examples").glob("*.key.json"))) == len(examples)
     _assert_same(tables, single[0])
+
+
+def test_the_driver_takes_the_folder_lock(pool, examples, tmp_path):
+    """A folder in use by another sweep is refused by the Ray driver too, before anything is written."""
+    import threading
+
+    from analyses.information_flow.lock import SweepLockedError, sweep_lock
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with sweep_lock(tmp_path):
+            held.set()
+            release.wait()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait()
+    try:
+        with pytest.raises(SweepLockedError, match="is in use by another sweep"):
+            pool.sweep(examples[:1], tmp_path, progress=False, **SETTINGS)
+        assert not (tmp_path / "settings.json").exists()
+    finally:
+        release.set()
+        thread.join()
 
 
 def test_a_bad_example_on_a_worker_is_listed_or_stops_the_sweep(pool, examples, single, tmp_path):
@@ -122,7 +147,7 @@ def test_a_bad_example_on_a_worker_is_listed_or_stops_the_sweep(pool, examples, 
 
 def test_a_killed_driver_resumes_without_recomputing(cluster, pool, examples, single, tmp_path):
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "hooked_llava.cli", "sweep", "--ray", cluster, "--workers", "2", "--shapes", "2",
+    argv = [sys.executable, "-m", "hooked_llava.cli.main", "sweep", "--ray", cluster, "--workers", "2", "--shapes", "2",
             "--seed", str(SEED), "--window", str(WINDOW), "--flows", ",".join(FLOWS), "--out", str(out)]  # fmt: skip
     driver = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -130,12 +155,12 @@ def test_a_killed_driver_resumes_without_recomputing(cluster, pool, examples, si
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-    done = {p.name.split(".")[0]: p.stat().st_mtime_ns for p in (out / "examples").glob("*.examples.csv")}
+    done = {p.name[: -len(".key.json")]: p.stat().st_mtime_ns for p in (out / "examples").glob("*.key.json")}
     assert 2 <= len(done) < len(examples), "the driver should be killed mid-sweep"
     recomputed, record = _recorder()
     tables = pool.sweep(examples, out, progress=False, on_example=record, **SETTINGS)
     assert sorted(recomputed) == sorted(ex.id for ex in examples if ex.id not in done)
-    assert {i: (out / "examples" / f"{i}.examples.csv").stat().st_mtime_ns for i in done} == done
+    assert {i: (out / "examples" / f"{i}.key.json").stat().st_mtime_ns for i in done} == done
     _assert_same(tables, single[0])
     _assert_same(collect(out, [ex.id for ex in examples]), single[0])
 
@@ -144,7 +169,7 @@ def _wait_for_examples(folder, n, driver, timeout=240):
     """Poll until `n` examples are stored (the driver is then killed while it still has work)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if folder.is_dir() and len(list(folder.glob("*.examples.csv"))) >= n:
+        if folder.is_dir() and len(list(folder.glob("*.key.json"))) >= n:  # the key file marks an example done
             return
         assert driver.poll() is None, "the driver exited before it stored any example"
         time.sleep(0.02)

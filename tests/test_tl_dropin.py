@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hooked_llava.kv_cache import KeyValueCache, KeyValueCacheEntry
+from hooked_llava.model.kv_cache import KeyValueCache, KeyValueCacheEntry
 from hooked_llava.testing import tiny_model
 
 try:  # TransformerLens 4 moved `utils` to `utilities`

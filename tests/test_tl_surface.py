@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import PROMPTS, TEXTS, ids_by_hand
 
 from hooked_llava import HookedLlava
-from hooked_llava.inputs import LlavaInputs
+from hooked_llava.inputs.llava_inputs import LlavaInputs
 from hooked_llava.testing import random_images, tiny_model
 
 try:  # TransformerLens 4 moved `utils` to `utilities`

@@ -9,13 +9,13 @@
 This package uses only the model's public hooks and the transcoders' public methods.
 """
 
-from .attribute import attribute
-from .export import to_circuit_tracer_json
-from .graph import Graph
-from .influence import PruneResult, graph_scores, node_influence, patch_influence, prune_graph
-from .intervene import intervene
-from .labels import feature_labels, label_graph, node_labels
-from .plot import plot_graph, top_features
+from analyses.graphs.attribute import attribute
+from analyses.graphs.export import to_circuit_tracer_json
+from analyses.graphs.graph import Graph
+from analyses.graphs.influence import PruneResult, graph_scores, node_influence, patch_influence, prune_graph
+from analyses.graphs.intervene import intervene
+from analyses.graphs.labels import feature_labels, label_graph, node_labels
+from analyses.graphs.plot import plot_graph, top_features
 
 __all__ = [
     "Graph",

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .graph import Graph, position_table
-from .influence import partial_influence
-from .replacement import CleanRun, FrozenModel, clean_run
+from analyses.graphs.graph import Graph, position_table
+from analyses.graphs.influence import partial_influence
+from analyses.graphs.replacement import CleanRun, FrozenModel, clean_run
 
 
 def logit_targets(logits: torch.Tensor, max_n_logits: int, desired_logit_prob: float) -> tuple[list[int], torch.Tensor]:

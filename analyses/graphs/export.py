@@ -15,8 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from .graph import Graph
-from .influence import prune_graph
+from analyses.graphs.graph import Graph
+from analyses.graphs.influence import prune_graph
 
 
 def _cantor(x: int, y: int) -> int:

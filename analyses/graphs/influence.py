@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from .graph import Graph
+from analyses.graphs.graph import Graph
 
 
 def normalize(matrix: Tensor) -> Tensor:

@@ -1,12 +1,12 @@
 """Ground-truth labels of transcoder features on the Shapes world, for the graph's nodes (`clerp`).
 
 Every feature is scored against the world's attributes with the SAE ground-truth scoring
-(`analyses.sae_groundtruth`: precision and recall of "active > 0" against each attribute, best
+(`analyses.saes.groundtruth`: precision and recall of "active > 0" against each attribute, best
 attribute = the most precise at recall ≥ 0.5, else the best F1). The units are read at two kinds of
 positions of held-out colour questions:
 
 - image patches: the scene's attributes of the object at the patch (object, colour, shape, side;
-  `sae_groundtruth.patch_attributes`) and whether it is the object the question asks about (`asked object`);
+  `groundtruth.patch_attributes`) and whether it is the object the question asks about (`asked object`);
 - the last position: the question's object (`asks=<shape>`) and the answer word (`answer=<colour>`).
 """
 
@@ -23,9 +23,9 @@ from torch import Tensor
 from hooked_llava.shapes import COLORS, SHAPES, ShapesWorld
 from hooked_llava.shapes.evaluate import EVAL_SEED  # the held-out world, never used for training
 
-from .. import sae_groundtruth as gt
-from ..patch_grid import grid_positions
-from .graph import Graph
+from analyses.graphs.graph import Graph
+from analyses.patch_maps.grid import grid_positions
+from analyses.saes import groundtruth as gt
 
 
 def label_names() -> list[str]:

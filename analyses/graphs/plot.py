@@ -11,9 +11,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .graph import Graph
-from .influence import node_influence
-from .labels import node_labels
+from analyses.graphs.graph import Graph
+from analyses.graphs.influence import node_influence
+from analyses.graphs.labels import node_labels
 
 
 def top_features(graph: Graph, n: int = 10) -> pd.DataFrame:

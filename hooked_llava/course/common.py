@@ -15,7 +15,7 @@ from torch import Tensor
 from hooked_llava import HookedLlava, LlavaInputs
 from hooked_llava.shapes import Scene, ShapesWorld
 from hooked_llava.shapes.questions import Example, Question, build_example
-from hooked_llava.shapes.world import make_object, render
+from hooked_llava.shapes.scene import make_object, render
 
 FRESH_SEEDS = (101, 202)
 

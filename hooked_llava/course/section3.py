@@ -13,8 +13,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 
 from hooked_llava import HookedLlava, LlavaInputs
-
-from .section2 import head_results
+from hooked_llava.course.section2 import head_results
 
 
 def attention_to_object(cache: ActivationCache, inputs: LlavaInputs, n_layers: int) -> Float[Tensor, "layer head"]:

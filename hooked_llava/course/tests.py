@@ -12,16 +12,15 @@ from functools import partial
 import torch
 
 import analyses
-from analyses.flows import window_layers
+from analyses.information_flow import window_layers
 from hooked_llava import HookedLlava
+from hooked_llava.course import section1 as s1
+from hooked_llava.course import section2 as s2
+from hooked_llava.course import section3 as s3
+from hooked_llava.course import section5 as s5
+from hooked_llava.course import section6 as s6
+from hooked_llava.course.common import FRESH_SEEDS, compare, fresh_colour_inputs, passed, swap_pair
 from hooked_llava.shapes import ShapesWorld
-
-from . import section1 as s1
-from . import section2 as s2
-from . import section3 as s3
-from . import section5 as s5
-from . import section6 as s6
-from .common import FRESH_SEEDS, compare, fresh_colour_inputs, passed, swap_pair
 
 
 def _cached(model: HookedLlava):

@@ -11,8 +11,9 @@ rest of ``hooked_llava``, so it can be imported on its own.
 
 from pathlib import Path
 
-from .questions import CATEGORIES, TARGETS, Example, Question, ask, format_prompt, make_dataset
-from .world import COLORS, SHAPES, Scene, ShapeObject, ShapesWorld
+from hooked_llava.shapes.questions import CATEGORIES, TARGETS, Example, Question, ask, format_prompt
+from hooked_llava.shapes.scene import COLORS, SHAPES, Scene, ShapeObject
+from hooked_llava.shapes.world import ShapesWorld, make_dataset
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 CHECKPOINT_NAMES: tuple[str, ...] = ("shapes-llava", "shapes-lm", "shapes-llava-sae", "shapes-llava-transcoders")
@@ -32,7 +33,7 @@ def checkpoint_path(name: str) -> Path:
 
 def build_processor():  # -> transformers.LlavaProcessor
     """The Shapes ``LlavaProcessor``: word-level tokenizer and a 64 px ``CLIPImageProcessor``."""
-    from .tokenizer import build_processor as _build  # transformers is imported lazily
+    from hooked_llava.shapes.tokenizer import build_processor as _build  # transformers is imported lazily
 
     return _build()
 

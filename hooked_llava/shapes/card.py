@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .evaluate import EVAL_SEED, evaluate_checkpoints, format_table
+from hooked_llava.shapes.evaluate import EVAL_SEED, evaluate_checkpoints, format_table
 
 _FRONT = """---
 library_name: transformers
@@ -199,7 +199,7 @@ def write_cards(llava_dir: str | Path, lm_dir: str | Path, n: int = 500, seed: i
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from . import checkpoint_path
+    from hooked_llava.shapes import checkpoint_path
 
     parser = argparse.ArgumentParser(description="Evaluate the Shapes checkpoints and write their model cards.")
     parser.add_argument("--llava", default=str(checkpoint_path("shapes-llava")))

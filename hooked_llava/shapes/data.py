@@ -17,9 +17,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .questions import CAPTION_QUESTION, CATEGORIES, IMAGE_TOKEN, TARGETS, Question, ask, colour_question
-from .tokenizer import BOS, EOS, PAD, VOCAB
-from .world import Scene, ShapesWorld
+from hooked_llava.shapes.questions import (
+    CAPTION_QUESTION,
+    CATEGORIES,
+    IMAGE_TOKEN,
+    TARGETS,
+    Question,
+    ask,
+    colour_question,
+)
+from hooked_llava.shapes.scene import Scene
+from hooked_llava.shapes.tokenizer import BOS, EOS, PAD, VOCAB
+from hooked_llava.shapes.world import ShapesWorld
 
 _ID = {w: i for i, w in enumerate(VOCAB)}
 _WORD = re.compile(r"\n|[A-Za-z]+|[^\sA-Za-z]")  # the pre-tokenizer's pattern

@@ -16,14 +16,38 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
-from .questions import CATEGORIES, Example, make_dataset
+from hooked_llava.shapes.questions import CATEGORIES, Example
+from hooked_llava.shapes.world import make_dataset
 
 EVAL_SEED = 12345  # never used for training (training worlds use seeds 1000 * seed + stage)
 SETTINGS: tuple[str, ...] = ("llava_visual", "llava_text", "lm_text")
+
+
+@torch.no_grad()
+def answer_scores(model: Any, examples: Sequence[Any], batch: int = 64) -> dict[str, float]:
+    """Answer accuracy (%), answer cross-entropy and mean next-token loss of the model as it is now."""
+    tok = model.processor.tokenizer
+    correct, answer_ce, lm_loss = [], [], []
+    for i in range(0, len(examples), batch):
+        chunk = examples[i : i + batch]
+        inputs = model.prepare(images=[e.image for e in chunk], prompts=[e.prompt for e in chunk])
+        logits, loss = model(inputs, return_type="both")
+        last = logits[torch.arange(len(chunk)), inputs.last]
+        answers = torch.tensor(tok.convert_tokens_to_ids([e.answer for e in chunk]), device=last.device)
+        correct.append(last.argmax(-1) == answers)
+        answer_ce.append(F.cross_entropy(last.float(), answers, reduction="none"))
+        lm_loss.append(loss.reshape(1))
+    return {
+        "accuracy": 100 * float(torch.cat(correct).float().mean()),
+        "answer_ce": float(torch.cat(answer_ce).mean()),
+        "next_token_loss": float(torch.stack(lm_loss).mean()),
+    }
 
 
 @torch.no_grad()
@@ -114,7 +138,7 @@ def format_table(table: pd.DataFrame) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
-    from . import checkpoint_path
+    from hooked_llava.shapes import checkpoint_path
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llava", default=str(checkpoint_path("shapes-llava")), help="LLaVA checkpoint directory")

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import ANSWER, TEXT, qa_sequence, scene_questions
-from .evaluate import EVAL_SEED, correct
-from .questions import CATEGORIES, make_dataset
-from .recipe import Recipe, Stage
-from .world import ShapesWorld
+from hooked_llava.shapes.data import ANSWER, TEXT, qa_sequence, scene_questions
+from hooked_llava.shapes.evaluate import EVAL_SEED, correct
+from hooked_llava.shapes.questions import CATEGORIES
+from hooked_llava.shapes.recipe import Recipe, Stage
+from hooked_llava.shapes.world import ShapesWorld, make_dataset
 
 VALID_SEED = 777_777  # quick checks during training; neither a training nor the evaluation seed
 

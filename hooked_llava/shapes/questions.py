@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .world import COLORS, SHAPES, Scene, ShapeObject, ShapesWorld, render, sample_objects
+from hooked_llava.shapes.scene import COLORS, SHAPES, Scene, ShapeObject, render, sample_objects
 
 CATEGORIES: tuple[str, ...] = (
     "Colour",
@@ -240,20 +240,13 @@ def build_example(scene: Scene, category: str, q: Question) -> Example:
     )
 
 
-def make_example(world: ShapesWorld, i: int, category: str) -> Example:
-    """Example ``i`` of a category: the answer is drawn first, then a scene that supports it."""
+def sample_example(rng: np.random.Generator, category: str, image_size: int = 64) -> Example:
+    """An example of a category drawn from ``rng``: the answer first, then a scene that supports it."""
     if category not in _ASK:
         raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
-    rng = world.rng(i, 1 + CATEGORIES.index(category))
     target = _pick(rng, TARGETS[category]) if category in TARGETS else None
     while True:
-        objects = sample_objects(rng, int(rng.integers(1, 4)), world.image_size)
-        q = _ASK[category](objects, rng, target, world.image_size)
+        objects = sample_objects(rng, int(rng.integers(1, 4)), image_size)
+        q = _ASK[category](objects, rng, target, image_size)
         if q is not None:
-            return build_example(Scene(render(rng, objects, world.image_size), objects), category, q)
-
-
-def make_dataset(seed: int, n_per_category: int, categories: Sequence[str] = CATEGORIES) -> list[Example]:
-    """``n_per_category`` examples of each category from world ``seed``, grouped by category."""
-    world = ShapesWorld(seed)
-    return [world.example(i, c) for c in categories for i in range(n_per_category)]
+            return build_example(Scene(render(rng, objects, image_size), objects), category, q)

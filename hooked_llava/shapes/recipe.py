@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-from .questions import IMAGE_TOKEN
-from .tokenizer import BOS, EOS, IMAGE_SIZE, PAD, PATCH_SIZE, VOCAB
+from hooked_llava.shapes.questions import IMAGE_TOKEN
+from hooked_llava.shapes.tokenizer import BOS, EOS, IMAGE_SIZE, PAD, PATCH_SIZE, VOCAB
 
 WIDTH = 128
 N_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2

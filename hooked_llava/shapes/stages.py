@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, LlamaForCausalLM, LlavaForConditionalGeneration
 
-from .data import TEXT, answer_branch, collate, encode, pack, pixel_values, visual_prefix
-from .loop import Logger, make_probe, optimise, qa_batch, token_loss, world_for
-from .questions import CAPTION_QUESTION
-from .recipe import FEATURE_LAYER, Recipe, clip_config, llava_config, text_config
-from .tokenizer import BOS, EOS, PAD, VOCAB, build_processor
-from .world import COLORS, SHAPES, describe_object, make_object
+from hooked_llava.shapes.data import TEXT, answer_branch, collate, encode, pack, pixel_values, visual_prefix
+from hooked_llava.shapes.loop import Logger, make_probe, optimise, qa_batch, token_loss, world_for
+from hooked_llava.shapes.questions import CAPTION_QUESTION
+from hooked_llava.shapes.recipe import FEATURE_LAYER, Recipe, clip_config, llava_config, text_config
+from hooked_llava.shapes.scene import COLORS, SHAPES, describe_object, make_object
+from hooked_llava.shapes.tokenizer import BOS, EOS, PAD, VOCAB, build_processor
 
 
 def object_phrases() -> list[str]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
-from .questions import COLOUR_ANSWER_PREFIX, COLOUR_QUESTION, IMAGE_TOKEN
-from .world import COLORS, SHAPES
+from hooked_llava.shapes.questions import COLOUR_ANSWER_PREFIX, COLOUR_QUESTION, IMAGE_TOKEN
+from hooked_llava.shapes.scene import COLORS, SHAPES
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS: tuple[str, ...] = (UNK, BOS, EOS, PAD, IMAGE_TOKEN)

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from .loop import Logger, quick_check
-from .recipe import Recipe, smoke_recipe
-from .stages import assemble, train_align, train_clip, train_lm, train_tune
-from .tokenizer import build_processor
+from hooked_llava.shapes.loop import Logger, quick_check
+from hooked_llava.shapes.recipe import Recipe, smoke_recipe
+from hooked_llava.shapes.stages import assemble, train_align, train_clip, train_lm, train_tune
+from hooked_llava.shapes.tokenizer import build_processor
 
 
 def train(

@@ -13,7 +13,7 @@ the model's hooks (`train`), and gets a card with its reconstruction and accurac
 This package imports only torch, safetensors, PyYAML, tqdm and the model core; never `analyses` or `sae_lens`.
 """
 
-from .io import load_transcoders, save_transcoders
-from .transcoder import JumpReLU, SingleLayerTranscoder, TopK, TranscoderSet
+from hooked_llava.transcoders.io import load_transcoders, save_transcoders
+from hooked_llava.transcoders.transcoder import JumpReLU, SingleLayerTranscoder, TopK, TranscoderSet
 
 __all__ = ["JumpReLU", "SingleLayerTranscoder", "TopK", "TranscoderSet", "load_transcoders", "save_transcoders"]

@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from ..sae_card import answer_scores
-from ..shapes.evaluate import EVAL_SEED
-from ..shapes.questions import CATEGORIES, make_dataset
-from .io import load_transcoders
-from .splice import mlp_replacement_hooks
-from .train import LayerPairs
-from .transcoder import TranscoderSet
+from hooked_llava.shapes.evaluate import EVAL_SEED, answer_scores
+from hooked_llava.shapes.questions import CATEGORIES
+from hooked_llava.shapes.world import make_dataset
+from hooked_llava.transcoders.io import load_transcoders
+from hooked_llava.transcoders.splice import mlp_replacement_hooks
+from hooked_llava.transcoders.train import LayerPairs
+from hooked_llava.transcoders.transcoder import TranscoderSet
 
 
 @torch.no_grad()
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--transcoders", required=True, help="folder of the set (config.yaml, layer_*.safetensors)")
     p.add_argument("--n", type=int, default=50, help="questions per category")
     a = p.parse_args(argv)
-    from ..model import HookedLlava
+    from hooked_llava.model.hooked_llava import HookedLlava
 
     torch.set_num_threads(1)
     folder = Path(a.transcoders)

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .transcoder import JumpReLU, ReLU, SingleLayerTranscoder, TopK, TranscoderSet, activation_name
+from hooked_llava.transcoders.transcoder import JumpReLU, ReLU, SingleLayerTranscoder, TopK, TranscoderSet, activation_name
 
 SHIPPED = {"shapes-llava": "shapes-llava-transcoders", "shapes-llava-transcoders": "shapes-llava-transcoders"}
 _KNOWN_KEYS = {"W_enc", "W_dec", "b_enc", "b_dec", "W_skip", "activation_function.threshold", "k"}
@@ -47,7 +47,7 @@ def _folder(name_or_dir: str | Path) -> Path:
     if folder.is_dir():
         return folder
     if str(name_or_dir) in SHIPPED:
-        from ..shapes import checkpoint_path
+        from hooked_llava.shapes import checkpoint_path
 
         return checkpoint_path(SHIPPED[str(name_or_dir)])
     raise FileNotFoundError(

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .transcoder import TranscoderSet
+from hooked_llava.transcoders.transcoder import TranscoderSet
 
 FeatureEdit = Callable[[int, Tensor], Tensor]  # (layer, acts [batch, pos, d_tc]) -> new acts
 

@@ -25,9 +25,9 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..sae_training import ShapesActivations
-from .io import save_transcoders
-from .transcoder import SingleLayerTranscoder, TopK, TranscoderSet
+from hooked_llava.saes.training import ShapesActivations
+from hooked_llava.transcoders.io import save_transcoders
+from hooked_llava.transcoders.transcoder import SingleLayerTranscoder, TopK, TranscoderSet
 
 INPUT_HOOK, OUTPUT_HOOK = "blocks.{layer}.ln2.hook_normalized", "blocks.{layer}.hook_mlp_out"
 
@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> TranscoderSet:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
-    from ..model import HookedLlava
+    from hooked_llava.model.hooked_llava import HookedLlava
 
     torch.set_num_threads(a.threads)
     model = HookedLlava.from_pretrained(a.model)
