@@ -111,8 +111,9 @@ def test_an_unknown_word_is_a_bad_row_in_the_cli(sweep_cli, tmp_path, capsys):
     capsys.readouterr()
     assert sweep_cli("--csv", path, "--images", images, "--out", out) == 2
     err = capsys.readouterr().err.strip().splitlines()  # the progress bar, then the message
-    assert "Traceback" not in "".join(err) and err[-1].startswith(f"hooked-llava sweep: error: {path}, line 3 "
-                                                                 "(question_id q2): the prompt holds word(s)")
+    assert "Traceback" not in "".join(err) and err[-1].startswith(
+        f"hooked-llava sweep: error: {path}, line 3 (question_id q2): the prompt holds word(s)"
+    )
     assert "'zebra'" in err[-1]
 
 

@@ -133,8 +133,18 @@ def _task(model, tmp_path, n=3):
     for i, image in enumerate(random_images(n, seed=31)):
         image.save(folder / f"im{i}.png")
         answer = _predicted(model, image, STUDY_B_TEMPLATE.format(question=question))
-        rows.append({"question_id": f"q{i}", "img_id": f"im{i}", "question": question, "answer": answer,
-                     "central object x": 0, "central object y": 0, "central object w": 8, "central object h": 8})
+        rows.append(
+            {
+                "question_id": f"q{i}",
+                "img_id": f"im{i}",
+                "question": question,
+                "answer": answer,
+                "central object x": 0,
+                "central object y": 0,
+                "central object w": 8,
+                "central object h": 8,
+            }
+        )
     pd.DataFrame(rows).to_csv(tmp_path / "GQA_task_Colour.csv", index=False)
     return tmp_path / "GQA_task_Colour.csv", folder
 

@@ -20,12 +20,11 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from hooked_llava.shapes import COLORS, SHAPES, ShapesWorld
-from hooked_llava.shapes.evaluate import EVAL_SEED  # the held-out world, never used for training
-
 from analyses.graphs.graph import Graph
 from analyses.patch_maps.grid import grid_positions
 from analyses.saes import groundtruth as gt
+from hooked_llava.shapes import COLORS, SHAPES, ShapesWorld
+from hooked_llava.shapes.evaluate import EVAL_SEED  # the held-out world, never used for training
 
 
 def label_names() -> list[str]:

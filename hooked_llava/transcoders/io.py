@@ -25,7 +25,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from hooked_llava.transcoders.transcoder import JumpReLU, ReLU, SingleLayerTranscoder, TopK, TranscoderSet, activation_name
+from hooked_llava.transcoders.transcoder import (
+    JumpReLU,
+    ReLU,
+    SingleLayerTranscoder,
+    TopK,
+    TranscoderSet,
+    activation_name,
+)
 
 SHIPPED = {"shapes-llava": "shapes-llava-transcoders", "shapes-llava-transcoders": "shapes-llava-transcoders"}
 _KNOWN_KEYS = {"W_enc", "W_dec", "b_enc", "b_dec", "W_skip", "activation_function.threshold", "k"}
