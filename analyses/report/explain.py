@@ -88,6 +88,7 @@ def explain(
     _timed(report, "attention knockout", say, lambda: _knockout(model, inputs, report, flows or default))
     if has_image and not tiled:
         _timed(report, "embedding projection", say, lambda: embedding_section(model, inputs, report))
+    if has_image:
         start = time.perf_counter()
         _explorers(model, inputs, report)
         report.timings["interactive explorers"] = time.perf_counter() - start
@@ -95,13 +96,10 @@ def explain(
 
 
 def _explorers(model: HookedLlava, inputs: LlavaInputs, report: Report) -> None:
-    """The interactive views shown beside the static figures: attention by the patches, the lens on the patches."""
+    """The interactive views shown beside the static figures: attention by the patches, the lens on the patches
+    (tiled inputs: on the base view)."""
     from analyses.viz import attention_explorer, patch_lens_explorer
 
-    if inputs.token_tables is not None:  # tiled inputs (NeXT, OneVision): the explorers draw one patch grid
-        note = "The interactive explorers need one patch grid (not the tiles of LLaVA-NeXT or OneVision)."
-        report.notes.setdefault("embedding", note)
-        return
     report.explorers["patches"] = attention_explorer(model, inputs)
     report.explorers["embedding"] = patch_lens_explorer(model, inputs)
 

@@ -67,7 +67,10 @@ def anyres_patch_section(model: HookedLlava, inputs: LlavaInputs, report: Report
     )
     report.figures["patches_tool"] = plot_anyres_maps(image, inputs, tool)
     report.figures["patches_attention"] = plot_anyres_maps(image, inputs, attention)
-    report.notes["embedding"] = "Left out for tiled images: the vocabulary projection reads a single patch grid."
+    report.notes["embedding"] = (
+        "The table of top patches is left out for tiled images (it reads a single patch grid); "
+        "the explorers below show the base view."
+    )
 
 
 def _outline(ax, inputs: LlavaInputs) -> None:

@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from analyses.viz.grid import ImageGrid, image_grid
 from analyses.viz.page import Explorer, encode_array, image_uri
 from hooked_llava import HookedLlava, LlavaInputs
 
@@ -137,14 +138,14 @@ def _collect(
     return torch.stack([kept[n] for n in names])
 
 
-def _language_parts(model: HookedLlava, inputs: LlavaInputs, row: int, queries: Any):
+def _language_parts(model: HookedLlava, inputs: LlavaInputs, row: int, queries: Any, drawn: ImageGrid):
+    hidden = set(drawn.hidden)
     real = inputs.attention_mask[row].bool().cpu()
-    keys = real.nonzero()[:, 0]
+    keys = torch.tensor([p for p in real.nonzero()[:, 0].tolist() if p not in hidden], dtype=torch.long)
     words = model.to_str_tokens(inputs[[row]])
-    rc = inputs.patch_rc()[row].cpu()
     image = inputs.image_mask[row].cpu()
     tokens = [words[p] for p in keys.tolist()]
-    cells = [tuple(rc[p].tolist()) if image[p] else (-1, -1) for p in keys.tolist()]
+    cells = [drawn.cells.get(p, (-1, -1)) for p in keys.tolist()]
     if queries is None or queries == "text":
         chosen = [i for i, p in enumerate(keys.tolist()) if not image[p]]
     elif queries == "all":
@@ -153,14 +154,15 @@ def _language_parts(model: HookedLlava, inputs: LlavaInputs, row: int, queries: 
         where = {p: i for i, p in enumerate(keys.tolist())}
         bad = [q for q in queries if q not in where]
         if bad:
-            raise ValueError(f"queries {bad} are not real positions of row {row} (0..{inputs.input_ids.shape[1] - 1}).")
+            raise ValueError(
+                f"queries {bad} are not real positions of row {row} drawn in the view "
+                f"(0..{inputs.input_ids.shape[1] - 1}; tiles and newline tokens are left out)."
+            )
         chosen = [where[int(q)] for q in queries]
-    return keys, tokens, cells, chosen, row, inputs.grid_size
+    return keys, tokens, cells, chosen, row, drawn.grid
 
 
-def _vision_parts(model: HookedLlava, inputs: LlavaInputs, row: int, queries: Any):
-    if inputs.pixel_values is None or row not in inputs.image_rows():
-        raise ValueError(f"row {row} holds no image: the vision tower's attention needs one.")
+def _vision_parts(model: HookedLlava, inputs: LlavaInputs, row: int, queries: Any, drawn: ImageGrid):
     cfg = model.vision.cfg
     grid = cfg.image_size // cfg.patch_size
     n, cls = cfg.n_ctx, cfg.n_ctx - grid * grid  # CLIP puts CLS first; SigLIP has none
@@ -174,7 +176,7 @@ def _vision_parts(model: HookedLlava, inputs: LlavaInputs, row: int, queries: An
         chosen = [int(q) for q in queries]
         if not all(0 <= q < n for q in chosen):
             raise ValueError(f"vision queries must lie in 0..{n - 1}; got {chosen}.")
-    return torch.arange(n), tokens, cells, chosen, inputs.image_rows().index(row), grid
+    return torch.arange(n), tokens, cells, chosen, drawn.vision_index, grid
 
 
 def attention_explorer(
@@ -193,7 +195,8 @@ def attention_explorer(
 
     Args:
         model: the model.
-        inputs: prepared inputs; one LLaVA-1.5 image in row `row`.
+        inputs: prepared inputs with an image in row `row` (tiled inputs: the view draws the base view of
+            the row's first image and leaves out its tile and newline tokens, see `analyses.viz.grid`).
         cache: an `ActivationCache` holding the patterns (default: a hooked forward keeps only the rows shown).
         tower: "language" (`blocks.{l}.attn.hook_pattern`) or "vision" (`vision.blocks.{l}.attn.hook_pattern`).
         row: the batch row shown.
@@ -217,21 +220,13 @@ def attention_explorer(
         raise ValueError(f"layers {bad} are out of range: the {tower} tower has layers 0..{len(names) - 1}.")
     if not 0 <= row < len(inputs):
         raise IndexError(f"row {row} is out of range for a batch of {len(inputs)}.")
-    if tower == "language":
-        if inputs.token_tables is not None or inputs.pixel_values is None:
-            raise ValueError(
-                "attention_explorer needs one LLaVA-1.5 image per row (no LLaVA-NeXT tiles, no text-only)."
-            )
-        keys, tokens, cells, chosen, index, grid = _language_parts(model, inputs, row, queries)
-    else:
-        keys, tokens, cells, chosen, index, grid = _vision_parts(model, inputs, row, queries)
+    drawn = image_grid(model, inputs, row)
+    parts = _language_parts if tower == "language" else _vision_parts
+    keys, tokens, cells, chosen, index, grid = parts(model, inputs, row, queries, drawn)
     patterns = _collect(model, inputs, [names[x] for x in chosen_layers], index, keys[chosen], keys, cache)
-    from analyses.plotting import processed_image
-
     hook = ("vision." if tower == "vision" else "") + "blocks.{l}.attn.hook_pattern"
-    title = f"attention explorer ({tower} tower)"
-    view = build_attention_view(
-        patterns, tokens, cells, chosen, processed_image(inputs, row), grid, chosen_layers, hook, bits, title
-    )
+    left_out = drawn.note() if tower == "language" else ""
+    title = f"attention explorer ({tower} tower{'; ' + left_out if left_out else ''})"
+    view = build_attention_view(patterns, tokens, cells, chosen, drawn.image, grid, chosen_layers, hook, bits, title)
     view.payload["positions"] = keys.tolist()  # each key's position in the merged (or vision) sequence
     return view

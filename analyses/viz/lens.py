@@ -20,6 +20,7 @@ import torch
 
 from analyses.lens import logit_lens, top_k_table
 from analyses.readout import lens_positions
+from analyses.viz.grid import image_grid
 from analyses.viz.page import Explorer, image_uri
 from hooked_llava import HookedLlava, LlavaInputs
 
@@ -27,10 +28,8 @@ LENS_BYTES = 512 * 2**20  # logits held at once while reading the lens
 
 
 def lens_table(model: HookedLlava, inputs: LlavaInputs, layers: Sequence[int], k: int = 5):
-    """`top_k_table` of the logit lens at every image patch of a one-row batch, in row-major cell order."""
-    from analyses.patch_maps import grid_positions
-
-    cells = grid_positions(inputs)  # [1, grid * grid], row-major
+    """`top_k_table` of the logit lens at every drawn patch of a one-row batch (`lens_cells`' positions)."""
+    cells = torch.tensor([lens_cells(model, inputs)])  # [1, grid * grid], row-major
     per_chunk = max(1, LENS_BYTES // (cells.shape[1] * model.cfg.d_vocab * 4))
     tables = []
     for start in range(0, len(layers), per_chunk):
@@ -50,7 +49,7 @@ def patch_lens_explorer(
 
     Args:
         model: the model.
-        inputs: prepared inputs with one LLaVA-1.5 image in row `row`.
+        inputs: prepared inputs with an image in row `row` (tiled inputs: the base view's patches).
         row: the batch row shown.
         layers: lens readouts in `0..n_layers` (default all `n_layers + 1`).
         k: tokens listed on hover.
@@ -68,12 +67,13 @@ def patch_lens_explorer(
     n = model.cfg.n_layers
     chosen = list(range(n + 1)) if layers is None else [int(x) % (n + 1) for x in layers]
     lens_positions(one, "image")  # a clear error for inputs without an image
+    drawn = image_grid(model, one, 0)
     table = lens_table(model, one, chosen, k)
-    grid, kept = one.grid_size, len(chosen)
+    grid, kept = drawn.grid, len(chosen)
     vocab = sorted(set(table.token))
     index = {t: i for i, t in enumerate(vocab)}
     shape = (kept, grid * grid, k)
-    cell_of = {int(p): i for i, p in enumerate(lens_cells(one))}
+    cell_of = {int(p): i for i, p in enumerate(drawn.positions())}
     ids = np.zeros(shape, dtype=np.int64)
     probs = np.zeros(shape)
     for layer_i, layer in enumerate(chosen):
@@ -81,22 +81,19 @@ def patch_lens_explorer(
         cells = part.position.map(cell_of).to_numpy()
         ids[layer_i, cells, part["rank"].to_numpy() - 1] = part.token.map(index).to_numpy()
         probs[layer_i, cells, part["rank"].to_numpy() - 1] = part.prob.to_numpy()
-    from analyses.plotting import processed_image
-
     payload = {
         "layers": chosen,
         "n_layers": n,
         "grid": grid,
-        "image": image_uri(processed_image(one)),
+        "image": image_uri(drawn.image),
         "vocab": vocab,
         "ids": ids.tolist(),
         "probs": np.round(probs, 5).tolist(),
     }
-    return Explorer("lens", payload, "logit lens at every image patch")
+    left_out = drawn.note()
+    return Explorer("lens", payload, "logit lens at every image patch" + (f" ({left_out})" if left_out else ""))
 
 
-def lens_cells(inputs: LlavaInputs) -> list[int]:
-    """Sequence position of each patch-grid cell of row 0, row-major."""
-    from analyses.patch_maps import grid_positions
-
-    return grid_positions(inputs)[0].tolist()
+def lens_cells(model: HookedLlava, inputs: LlavaInputs) -> list[int]:
+    """Sequence position of each drawn patch-grid cell of row 0, row-major (tiled inputs: the base view)."""
+    return image_grid(model, inputs, 0).positions()
