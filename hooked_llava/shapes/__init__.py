@@ -16,7 +16,13 @@ from hooked_llava.shapes.scene import COLORS, SHAPES, Scene, ShapeObject
 from hooked_llava.shapes.world import ShapesWorld, make_dataset
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
-CHECKPOINT_NAMES: tuple[str, ...] = ("shapes-llava", "shapes-lm", "shapes-llava-sae", "shapes-llava-transcoders")
+CHECKPOINT_NAMES: tuple[str, ...] = (
+    "shapes-llava",
+    "shapes-lm",
+    "shapes-llava-sae",
+    "shapes-llava-transcoders",
+    "shapes-llava-vision-transcoders",
+)
 
 
 def checkpoint_path(name: str) -> Path:
