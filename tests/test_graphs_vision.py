@@ -15,7 +15,14 @@ from functools import partial
 import pytest
 import torch
 
-from analyses.graphs import attribute_through_vision, graph_scores, node_influence, prune_graph, to_circuit_tracer_json
+from analyses.graphs import (
+    attribute_through_vision,
+    graph_scores,
+    node_influence,
+    prune_graph,
+    to_circuit_tracer_json,
+    top_features,
+)
 from analyses.graphs.replacement import clean_run
 from analyses.graphs.vision_replacement import ThroughVisionModel, vision_clean_run
 from hooked_llava import HookedLlava
@@ -107,7 +114,7 @@ def test_linear_identity(model, inputs, ts, vts, graph):
     logit_rows = frozen.rows(frozen.logit_reading[torch.arange(len(t)), t]).double()
     want = (logits - logits.mean())[t].double()
     got = logit_rows.sum(1) + (const_logits - const_logits.mean())[t].double()
-    torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
     # 16 features of each language-model layer group and of each vision stage, drawn at random
     gen, n_lm = torch.Generator().manual_seed(0), len(clean.active)
     lm = torch.randperm(n_lm, generator=gen)[:16]
@@ -127,7 +134,7 @@ def test_linear_identity(model, inputs, ts, vts, graph):
             x = vclean.mlp_in[s][p]
         want.append(x.double() @ tc.W_enc[f].double())
         const.append(const_x[hook][p].double() @ tc.W_enc[f].double())
-    torch.testing.assert_close(rows.sum(1) + torch.stack(const), torch.stack(want), atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(rows.sum(1) + torch.stack(const), torch.stack(want), atol=1e-4, rtol=1e-5)
     # the graph holds exactly those rows at its columns: its logit rows, and its selected features' rows
     selected = torch.cat([graph.selected_features, graph.vision_selected_features + n_lm])
     columns = torch.cat([selected, torch.arange(n_lm + len(vclean.active), rows.shape[1])])
@@ -180,6 +187,12 @@ def test_graph_layout_and_scores(model, inputs, graph):
     assert set(towers) >= {"language", "projector"}
     replacement, completeness = graph_scores(graph)
     assert 0 < replacement <= 1 and 0 < completeness <= 1
+    top = top_features(graph, n=graph.n_features)
+    vision = top[top.tower != "language"]
+    vp = graph.vision_positions
+    for r in vision.itertuples():  # vision-side features are named by their patch (or CLS), not a token
+        want = "cls" if r.pos == 0 else f"img {vp.patch_row[r.pos]},{vp.patch_col[r.pos]}"
+        assert r.token == want and r.clerp == ""
     pruned = prune_graph(graph)
     assert pruned.node_mask[graph.token_start :].all()
 
@@ -195,9 +208,10 @@ def _two_object_colour_questions(world, n):
 
 def test_the_answer_flows_from_the_asked_objects_pixels(model, ts, vts):
     """Colour questions about one of two objects: the pixel nodes of the asked object's patches get ≥ 2× their
-    area's share of the pixel nodes' influence (CLS excluded) in ≥ 3 of 4 scenes."""
+    area's share of the pixel nodes' influence (CLS excluded) in ≥ 3 of 4 scenes (the issue's bar), and in
+    fact ≥ 4× in all 4 (measured: 6.3–9.7×), and more influence per patch than the other object's patches."""
     world = ShapesWorld(11)
-    shares = []
+    shares, others = [], []
     for e in _two_object_colour_questions(world, 4):
         inputs = model.prepare(images=[e.image], prompts=[e.prompt])
         g = attribute_through_vision(model, inputs, ts, vts, max_feature_nodes=256)
@@ -208,7 +222,12 @@ def test_the_answer_flows_from_the_asked_objects_pixels(model, ts, vts):
         on = torch.tensor([r * world.grid + c in cells for r, c in zip(patches.patch_row, patches.patch_col)])
         share = infl[torch.tensor(patches.node.to_numpy())]
         shares.append(float(share[on].sum() / share.sum()) / (len(cells) / world.grid**2))
+        other = set(world.object_patches(e.scene)[1 - asked]) - cells
+        off = torch.tensor([r * world.grid + c in other for r, c in zip(patches.patch_row, patches.patch_col)])
+        others.append(float(share[off].sum() / share.sum()) / (len(other) / world.grid**2))
     assert sum(s >= 2 for s in shares) >= 3, f"share over area share per scene: {shares}"
+    assert min(shares) >= 4, f"share over area share per scene: {shares}"
+    assert all(s > o for s, o in zip(shares, others)), f"asked object {shares}, other object {others}"
 
 
 def test_shipped_vision_transcoders_meet_their_card(model, vts):

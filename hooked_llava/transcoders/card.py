@@ -71,11 +71,18 @@ def card(metrics: dict[str, Any], training: dict[str, Any]) -> str:
 CLS included); layer {n - 1} reads `projector.hook_in` and predicts `projector.hook_out` (every patch). Stored in
 circuit-tracer's format (`config.yaml`, `layer_{{i}}.safetensors`; the hook keys list one hook per layer)."""
         replaced, load = "every vision MLP and the projector replaced", f"{training['model']}-vision"
+        drawn = (
+            "positions per layer, each layer's own (the vision MLPs': every vision position of the images; "
+            "the projector's: every patch)"
+        )
+        evaluated = "positions per layer, drawn as in training"
     else:
         what = f"""the {n} MLPs of `{training["model"]}`'s language model: each reads
 `blocks.{{layer}}.ln2.hook_normalized` and predicts `blocks.{{layer}}.hook_mlp_out`. Stored in circuit-tracer's
 format (`config.yaml`, `layer_{{i}}.safetensors`)."""
         replaced, load = "every MLP replaced", training["model"]
+        drawn = "image and text positions (each gives every layer's input/output pair)"
+        evaluated = "positions"
     return f"""# {training["name"]}
 
 Per-layer transcoders (TopK, k = {training["k"]}, {metrics["d_transcoder"]} features each) for
@@ -89,15 +96,15 @@ ts = load_transcoders("{load}")
 
 ## Training
 
-`{training["command"]}` — {training["samples"]:,} positions (each gives every layer's input/output pair),
-batches of {training["batch_size"]}, Shapes questions of all categories at image and text positions
+`{training["command"]}` — {training["samples"]:,} {drawn},
+batches of {training["batch_size"]}, Shapes questions of all categories
 (world seed {training["seed"]}), {training["minutes"]:.1f} min wall-clock ({training["cpu_minutes"]:.1f} min of
 process CPU time) on a 2-core CPU machine with 1 torch thread.
 
 ## Evaluation
 
 On {metrics["n_questions"]} held-out questions (world seed {metrics["eval_seed"]}, all categories,
-{metrics["n_vectors"]:,} positions):
+{metrics["n_vectors"]:,} {evaluated}):
 
 | layer | fraction of variance explained | mean L0 |
 |---|---|---|
