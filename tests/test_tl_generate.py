@@ -65,7 +65,7 @@ def test_stop_at_eos_and_sampling_options(tiny, batch):
     for row in penalised.tolist():
         new = row[n:]
         assert len(set(new)) == len(new) and not set(new) & set(row[:n])
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match="freq_penalty must be a finite number 0 or more"):
         model.generate(batch, 2, freq_penalty=-1.0, verbose=False)
 
 

@@ -1,8 +1,8 @@
 """Attribution graphs through transcoders, from image patches to the answer (circuit-tracer's semantics).
 
-- `attribute` (attribute.py, on replacement.py): the graph of one prompt, a `Graph` (graph.py);
+- `attribute` (attribution.py, on replacement.py): the graph of one prompt, a `Graph` (graph.py);
 - `node_influence`, `prune_graph`, `graph_scores` (influence.py);
-- `intervene` (intervene.py): the model's logits with chosen features set;
+- `intervene` (interventions.py): the model's logits with chosen features set;
 - `feature_labels`, `label_graph` (labels.py): ground-truth labels of transcoder features on the Shapes world;
 - `to_circuit_tracer_json` (export.py): circuit-tracer's frontend files; `plot_graph` (plot.py): a static figure;
 - `attribute_through_vision` (vision.py, on vision_replacement.py): the graph continued through the projector
@@ -11,11 +11,11 @@
 This package uses only the model's public hooks and the transcoders' public methods.
 """
 
-from analyses.graphs.attribute import attribute
+from analyses.graphs.attribution import attribute
 from analyses.graphs.export import to_circuit_tracer_json
 from analyses.graphs.graph import Graph
 from analyses.graphs.influence import PruneResult, graph_scores, node_influence, patch_influence, prune_graph
-from analyses.graphs.intervene import intervene
+from analyses.graphs.interventions import intervene
 from analyses.graphs.labels import feature_labels, label_graph, node_labels
 from analyses.graphs.plot import plot_graph, top_features
 from analyses.graphs.vision import attribute_through_vision

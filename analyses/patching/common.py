@@ -96,7 +96,12 @@ def check_cache(clean: ActivationCache | Mapping[str, Tensor], corrupted: LlavaI
     """Raise a ValueError unless the clean cache holds `names` for a run of the corrupted inputs' layout:
     a batch dimension, the same batch size and every position (no `pos_slice`). A cache made with
     `pos_slice`, `remove_batch_dim` or another batch would patch the wrong positions or broadcast one
-    row into every row."""
+    row into every row.
+
+    Example:
+        >>> _, cache = model.run_with_cache(clean, names_filter="blocks.0.hook_resid_pre")
+        >>> check_cache(cache, corrupted, ["blocks.0.hook_resid_pre"])  # passes: same batch, every position
+    """
     if getattr(clean, "has_batch_dim", True) is False:
         raise ValueError(
             "the clean ActivationCache was made with remove_batch_dim=True; patching needs the batch dimension: "

@@ -98,8 +98,9 @@ def _explorers(model: HookedLlava, inputs: LlavaInputs, report: Report) -> None:
     """The interactive views shown beside the static figures: attention by the patches, the lens on the patches."""
     from analyses.viz import attention_explorer, patch_lens_explorer
 
-    if inputs.token_tables is not None:  # LLaVA-NeXT tiles: the explorers draw one LLaVA-1.5 patch grid
-        report.notes.setdefault("embedding", "The interactive explorers need a LLaVA-1.5 patch grid (not NeXT tiles).")
+    if inputs.token_tables is not None:  # tiled inputs (NeXT, OneVision): the explorers draw one patch grid
+        note = "The interactive explorers need one patch grid (not the tiles of LLaVA-NeXT or OneVision)."
+        report.notes.setdefault("embedding", note)
         return
     report.explorers["patches"] = attention_explorer(model, inputs)
     report.explorers["embedding"] = patch_lens_explorer(model, inputs)
