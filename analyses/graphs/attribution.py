@@ -77,7 +77,7 @@ def attribute(
     feature_rows, order = feature_rows_by_influence(
         frozen.rows, readings, nnz, logit_rows, probs, n_sel, batch_size, update_interval, verbose
     )
-    return _assemble(model, inputs, ts, clean, targets, probs, logit_rows, feature_rows, order, n_cols)
+    return assemble_graph(model, inputs, ts, clean, targets, probs, logit_rows, feature_rows, order, n_cols)
 
 
 def feature_rows_by_influence(
@@ -118,7 +118,7 @@ def feature_rows_by_influence(
     return rows, order
 
 
-def _assemble(
+def assemble_graph(
     model: Any,
     inputs: Any,
     ts: Any,
@@ -130,7 +130,7 @@ def _assemble(
     order: torch.Tensor,
     n_cols: int,
 ) -> Graph:
-    """The square adjacency in node order `[selected features, errors, tokens, logits]`."""
+    """The `Graph`: the square adjacency in node order `[selected features, errors, tokens, logits]`."""
     nnz = len(clean.active)
     selected, perm = order.sort()
     columns = torch.cat([selected, torch.arange(nnz, n_cols)])

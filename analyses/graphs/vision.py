@@ -1,6 +1,6 @@
 """`attribute_through_vision`: attribution graphs whose image inputs are patches' pixels.
 
-The graph of `attribute` (attribute.py) stops at the merged embeddings: an image patch's input node is
+The graph of `attribute` (attribution.py) stops at the merged embeddings: an image patch's input node is
 what the projector wrote there. Here the graph continues through the projector and the vision tower
 (`vision_replacement.py`): the projector and every vision MLP are replaced by transcoders
 (`load_transcoders("shapes-llava-vision")`), the tower's attention patterns and norms are frozen, and
@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from analyses.graphs.attribute import _assemble, feature_rows_by_influence, logit_targets
+from analyses.graphs.attribution import assemble_graph, feature_rows_by_influence, logit_targets
 from analyses.graphs.graph import Graph
 from analyses.graphs.replacement import clean_run
 from analyses.graphs.vision_replacement import ThroughVisionModel, VisionCleanRun, check_vision_model, vision_clean_run
@@ -87,7 +87,7 @@ def attribute_through_vision(
     rows, order = feature_rows_by_influence(
         frozen.rows, frozen.readings, nnz, logit_rows, probs, n_sel, batch_size, update_interval, verbose
     )
-    graph = _assemble(model, inputs, ts, _joint(clean, vclean), targets, probs, logit_rows, rows, order, n_cols)
+    graph = assemble_graph(model, inputs, ts, _joint(clean, vclean), targets, probs, logit_rows, rows, order, n_cols)
     selected = graph.selected_features
     return dataclasses.replace(
         graph,
@@ -104,7 +104,7 @@ def attribute_through_vision(
 
 
 def _joint(clean: Any, vclean: VisionCleanRun) -> Any:
-    """The clean run with the vision features appended to its active list (what `_assemble` counts)."""
+    """The clean run with the vision features appended to its active list (what `assemble_graph` counts)."""
     return dataclasses.replace(
         clean,
         active=torch.cat([clean.active, vclean.active]),
