@@ -27,9 +27,10 @@ from analyses.graphs.replacement import clean_run
 from analyses.graphs.vision_replacement import ThroughVisionModel, vision_clean_run
 from hooked_llava import HookedLlava
 from hooked_llava.shapes import ShapesWorld, checkpoint_path
-from hooked_llava.transcoders import load_transcoders
+from hooked_llava.transcoders import TranscoderSet, load_transcoders
 from hooked_llava.transcoders.card import evaluate
 from hooked_llava.transcoders.splice import mlp_replacement_hooks
+from hooked_llava.transcoders.train import LayerPairs, train_transcoders, vision_hooks
 
 
 @pytest.fixture(scope="module")
@@ -264,3 +265,24 @@ def test_circuit_tracer_json_with_vision_nodes(graph, tmp_path):
         assert [stage, int(vpos), int(f)] in table
     kinds = {n["feature_type"] for n in data["nodes"]}
     assert kinds >= {"cross layer transcoder", "embedding", "logit"}
+
+
+def test_vision_pairs_training_and_hook_lists(model, tmp_path):
+    """The vision trainer's pairs are each layer's real (input, output) — the block's MLP (or the projector)
+    applied to the row's input gives its output —, a tiny seeded run trains, and the per-layer hook lists
+    survive the round trip through circuit-tracer's format."""
+    inputs_, outputs = vision_hooks(model)
+    source = LayerPairs(model, inputs_, outputs, batch_size=128, examples_per_batch=4)
+    batch = source.batch(0)  # [128, 4, 2, d]
+    with torch.no_grad():
+        for s in range(model.vision.cfg.n_layers_computed):
+            torch.testing.assert_close(model.vision.blocks[s].mlp(batch[None, :, s, 0])[0], batch[:, s, 1])
+        torch.testing.assert_close(model.projector(batch[None, :, -1, 0])[0], batch[:, -1, 1])
+    kw = dict(d_transcoder=32, k=4, total_samples=2 * 128, batch_size=128, examples_per_batch=4)
+    trained = train_transcoders(model, tmp_path / "v", input_hook=inputs_, output_hook=outputs, **kw)
+    again = load_transcoders(tmp_path / "v")
+    assert [again.input_hook(i) for i in range(len(again))] == inputs_
+    assert [again.output_hook(i) for i in range(len(again))] == outputs
+    torch.testing.assert_close(again[3].W_enc, trained[3].W_enc)
+    with pytest.raises(ValueError, match="one per layer"):
+        TranscoderSet(list(again), inputs_[:2], outputs)

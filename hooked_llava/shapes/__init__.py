@@ -27,7 +27,8 @@ CHECKPOINT_NAMES: tuple[str, ...] = (
 
 def checkpoint_path(name: str) -> Path:
     """Directory of a shipped checkpoint: ``"shapes-llava"``, ``"shapes-lm"``, the SAE ``"shapes-llava-sae"``
-    or the transcoders ``"shapes-llava-transcoders"``.
+    or the transcoders ``"shapes-llava-transcoders"`` (language model) and ``"shapes-llava-vision-transcoders"``
+    (vision MLPs and projector).
 
     Raises:
         ValueError: If ``name`` is not a shipped checkpoint.
