@@ -2,8 +2,9 @@
 
 Every active feature is a node (no `max_feature_nodes` cap) unless `--max-feature-nodes` is given.
 Reports the wall-clock and process CPU time of `attribute` alone (the model and transcoders are loaded
-and warmed up first), the graph's size, and the machine.
-Run: `python bench/graph_time.py [--threads 1] [--repeats 3] [--max-feature-nodes N]`.
+and warmed up first), the graph's size, and the machine. With `--through-vision` the graph continues
+through the projector and the vision tower (`attribute_through_vision` with the shipped vision transcoders).
+Run: `python bench/graph_time.py [--threads 1] [--repeats 3] [--max-feature-nodes N] [--through-vision]`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import os
 import platform
 import statistics
 import time
+from functools import partial
+from typing import Any
 
 import torch
 
-from analyses.graphs import attribute, graph_scores
+from analyses.graphs import attribute, attribute_through_vision, graph_scores
 from hooked_llava import HookedLlava
 from hooked_llava.shapes import ShapesWorld
 from hooked_llava.transcoders import load_transcoders
@@ -27,17 +30,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-feature-nodes", type=int, default=None)
+    p.add_argument("--through-vision", action="store_true", help="continue through the projector and vision tower")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     model = HookedLlava.from_pretrained("shapes-llava")
     ts = load_transcoders("shapes-llava")
+    build: Any = attribute
+    if a.through_vision:
+        build = partial(attribute_through_vision, vision_ts=load_transcoders("shapes-llava-vision"))
     example = ShapesWorld(7).example(3, "Colour")
     inputs = model.prepare(images=[example.image], prompts=[example.prompt])
-    attribute(model, inputs, ts, max_feature_nodes=64)  # warm-up
+    build(model, inputs, ts, max_feature_nodes=64)  # warm-up
     walls, cpus = [], []
     for _ in range(a.repeats):
         wall, cpu = time.perf_counter(), time.process_time()
-        graph = attribute(model, inputs, ts, max_feature_nodes=a.max_feature_nodes)
+        graph = build(model, inputs, ts, max_feature_nodes=a.max_feature_nodes)
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
     replacement, completeness = graph_scores(graph)
@@ -46,8 +53,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{a.threads} thread(s)"
     )
     print(f"prompt: {example.prompt!r} → {example.answer}")
+    n_active = len(graph.active_features) + len(graph.vision_active_features)
     print(
-        f"graph: {graph.n_features} feature nodes of {len(graph.active_features)} active, {graph.n_nodes} nodes, "
+        f"graph: {graph.n_features} feature nodes of {n_active} active, {graph.n_nodes} nodes, "
         f"{graph.n_logits} logit target(s); replacement {replacement:.3f}, completeness {completeness:.3f}"
     )
     print(

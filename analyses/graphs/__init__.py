@@ -4,7 +4,9 @@
 - `node_influence`, `prune_graph`, `graph_scores` (influence.py);
 - `intervene` (interventions.py): the model's logits with chosen features set;
 - `feature_labels`, `label_graph` (labels.py): ground-truth labels of transcoder features on the Shapes world;
-- `to_circuit_tracer_json` (export.py): circuit-tracer's frontend files; `plot_graph` (plot.py): a static figure.
+- `to_circuit_tracer_json` (export.py): circuit-tracer's frontend files; `plot_graph` (plot.py): a static figure;
+- `attribute_through_vision` (vision.py, on vision_replacement.py): the graph continued through the projector
+  and the vision tower, whose image inputs are the patches' pixels.
 
 This package uses only the model's public hooks and the transcoders' public methods.
 """
@@ -16,11 +18,13 @@ from analyses.graphs.influence import PruneResult, graph_scores, node_influence,
 from analyses.graphs.interventions import intervene
 from analyses.graphs.labels import feature_labels, label_graph, node_labels
 from analyses.graphs.plot import plot_graph, top_features
+from analyses.graphs.vision import attribute_through_vision
 
 __all__ = [
     "Graph",
     "PruneResult",
     "attribute",
+    "attribute_through_vision",
     "feature_labels",
     "graph_scores",
     "intervene",

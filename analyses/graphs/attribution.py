@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -69,13 +70,20 @@ def attribute(
         [frozen.rows(frozen.logit_reading[torch.arange(len(c)), c]) for c in torch.tensor(targets).split(batch_size)]
     )
     n_sel = nnz if max_feature_nodes is None else min(max_feature_nodes, nnz)
-    feature_rows, order = _feature_rows(frozen, clean, logit_rows, probs, n_sel, batch_size, update_interval, verbose)
-    return _assemble(model, inputs, ts, clean, targets, probs, logit_rows, feature_rows, order, n_cols)
+
+    def readings(chunk: torch.Tensor) -> torch.Tensor:
+        return frozen.feature_readings(*clean.active[chunk].unbind(1))
+
+    feature_rows, order = feature_rows_by_influence(
+        frozen.rows, readings, nnz, logit_rows, probs, n_sel, batch_size, update_interval, verbose
+    )
+    return assemble_graph(model, inputs, ts, clean, targets, probs, logit_rows, feature_rows, order, n_cols)
 
 
-def _feature_rows(
-    frozen: FrozenModel,
-    clean: CleanRun,
+def feature_rows_by_influence(
+    rows_of: Callable[[torch.Tensor], torch.Tensor],
+    readings: Callable[[torch.Tensor], torch.Tensor],
+    nnz: int,
     logit_rows: torch.Tensor,
     probs: torch.Tensor,
     n_sel: int,
@@ -83,8 +91,9 @@ def _feature_rows(
     update_interval: int,
     verbose: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The in-edges of `n_sel` features (all, or the most influential first) and which features they are."""
-    nnz = len(clean.active)
+    """The in-edges of `n_sel` of the `nnz` active features (all, or the most influential first) and which
+    features they are. `readings(chunk)` gives batch row `i`'s reading of feature `chunk[i]`, and `rows_of`
+    turns readings into in-edge rows (columns: the `nnz` features first)."""
     rows = torch.zeros(n_sel, logit_rows.shape[1])
     order = torch.zeros(n_sel, dtype=torch.long)
     visited = torch.zeros(nnz, dtype=torch.bool)
@@ -100,8 +109,7 @@ def _feature_rows(
             ranked = infl.argsort(descending=True)
             pending = ranked[~visited[ranked]][: min(update_interval * batch_size, n_sel - done)]
         for chunk in pending.split(batch_size):
-            layer, pos, f = clean.active[chunk].unbind(1)
-            rows[done : done + len(chunk)] = frozen.rows(frozen.feature_readings(layer, pos, f)).cpu()
+            rows[done : done + len(chunk)] = rows_of(readings(chunk)).cpu()
             order[done : done + len(chunk)] = chunk
             visited[chunk] = True
             done += len(chunk)
@@ -110,7 +118,7 @@ def _feature_rows(
     return rows, order
 
 
-def _assemble(
+def assemble_graph(
     model: Any,
     inputs: Any,
     ts: Any,
@@ -122,7 +130,7 @@ def _assemble(
     order: torch.Tensor,
     n_cols: int,
 ) -> Graph:
-    """The square adjacency in node order `[selected features, errors, tokens, logits]`."""
+    """The `Graph`: the square adjacency in node order `[selected features, errors, tokens, logits]`."""
     nnz = len(clean.active)
     selected, perm = order.sort()
     columns = torch.cat([selected, torch.arange(nnz, n_cols)])

@@ -5,6 +5,14 @@ ids circuit-tracer's `create_graph_files` writes: feature `"{layer}_{feature}_{p
 `"0_{layer}_{pos}"`, token `"E_{token_id}_{pos}"`, logit `"{n_layers + 1}_{token_id}_{pos}"`; links carry
 `weight = A[target, source]`. Image-patch token nodes are labelled by their patch (`clerp = "img r,c"`),
 features by their ground-truth label when the graph has labels (`labels.label_graph`).
+
+A through-vision graph (`vision.attribute_through_vision`) adds its vision-side nodes, named after
+circuit-tracer's scheme with the stage as layer (`"V{s}"` for vision MLP `s`, `"P"` for the projector)
+and the vision position `vpos` in the id: feature `"V{s}_{feature}_{vpos}"`, error `"0_V{s}_{vpos}"`;
+pixel inputs are embeddings `"E_{image_token_id}_{pos}"` (the id the patch's token node has in the
+language-model graph, which here carries nothing and is not written) and `"E_cls_{pos}"` for CLS. Their
+`ctx_idx` is the sequence position the patch is merged at (CLS: the first image position), and they
+carry `vision_pos`.
 """
 
 from __future__ import annotations
@@ -56,6 +64,11 @@ def graph_nodes(graph: Graph, keep: Any, cumulative: Any) -> dict[int, dict[str,
     table = graph.positions
     for i in keep.nonzero().flatten().tolist():
         infl = float(cumulative[i])
+        vision = _vision_node(graph, i, infl)
+        if vision is not None:
+            if vision:
+                nodes[i] = vision
+            continue
         if i < graph.error_start:
             layer, pos, f = graph.active_features[graph.selected_features[i]].tolist()
             act = float(graph.activation_values[graph.selected_features[i]])
@@ -71,12 +84,12 @@ def graph_nodes(graph: Graph, keep: Any, cumulative: Any) -> dict[int, dict[str,
                 activation=act,
                 clerp=clerp,
             )
-        elif i < graph.token_start:
+        elif i < graph.token_start:  # language-model errors (vision errors are `_vision_node`'s)
             layer, pos = divmod(i - graph.error_start, graph.n_pos)
             nodes[i] = _node(
                 f"0_{layer}_{pos}", -1, str(layer), pos, "mlp reconstruction error", f"{layer}_{pos}-0", influence=infl
             )
-        elif i < graph.logit_start:
+        elif i < graph.pixel_start:
             pos = i - graph.token_start
             tok = int(graph.input_tokens[pos])
             row = table.iloc[pos]
@@ -104,6 +117,62 @@ def graph_nodes(graph: Graph, keep: Any, cumulative: Any) -> dict[int, dict[str,
                 clerp=f'Output "{graph.logit_tokens[k]}" (p={prob:.3f})',
             )
     return nodes
+
+
+def _stage(graph: Graph, stage: int) -> str:
+    return "P" if stage == graph.n_vision_layers - 1 else f"V{stage}"
+
+
+def _vision_node(graph: Graph, i: int, infl: float) -> dict[str, Any] | None:
+    """The frontend node of a vision-side node index; `{}` for a token node at an image position of a
+    through-vision graph (it carries nothing); None for the nodes `graph_nodes` writes itself."""
+    if graph.vision_positions is None:
+        return None
+    vp = graph.vision_positions
+    if graph.n_lm_features <= i < graph.error_start:
+        k = int(graph.vision_selected_features[i - graph.n_lm_features])
+        stage, vpos, f = graph.vision_active_features[k].tolist()
+        layer, act, pos = _stage(graph, stage), float(graph.vision_activation_values[k]), int(vp.lm_pos[vpos])
+        kind = "cross layer transcoder"
+        return _node(
+            f"{layer}_{f}_{vpos}",
+            f,
+            layer,
+            pos,
+            kind,
+            f"{layer}_{f}-0",
+            influence=infl,
+            activation=act,
+            vision_pos=vpos,
+        )
+    if graph.vision_error_start <= i < graph.token_start:
+        stage, vpos = divmod(i - graph.vision_error_start, graph.n_vpos)
+        layer, pos = _stage(graph, stage), int(vp.lm_pos[vpos])
+        kind = "mlp reconstruction error"
+        return _node(f"0_{layer}_{vpos}", -1, layer, pos, kind, f"{layer}_{vpos}-0", influence=infl, vision_pos=vpos)
+    if graph.token_start <= i < graph.pixel_start:
+        return {} if bool(graph.positions.is_image.iloc[i - graph.token_start]) else None
+    if graph.pixel_start <= i < graph.logit_start:
+        row = vp.iloc[i - graph.pixel_start]
+        vpos, pos = int(row.vpos), int(row.lm_pos)
+        if row.kind == "cls":
+            return _node(
+                f"E_cls_{pos}",
+                -1,
+                "E",
+                pos,
+                "embedding",
+                f"E_cls-{pos}",
+                influence=infl,
+                clerp="img cls",
+                vision_pos=vpos,
+            )
+        tok = int(graph.input_tokens[pos])
+        clerp = f"img {int(row.patch_row)},{int(row.patch_col)}"
+        return _node(
+            f"E_{tok}_{pos}", pos, "E", pos, "embedding", f"E_{tok}-{pos}", influence=infl, clerp=clerp, vision_pos=vpos
+        )
+    return None
 
 
 def to_circuit_tracer_json(

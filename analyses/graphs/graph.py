@@ -4,6 +4,16 @@ Nodes are ordered `[selected features, errors (layer, pos), tokens (pos), logits
 matrix has one row per target and one column per source (`A[target, source]`); error and token rows
 are zero. `positions` says, per sequence position, its token and, at image positions, the patch's grid
 cell and pixel box, so that token nodes at image positions are read as image patches.
+
+A graph that continues through the projector and the vision tower (`vision.attribute_through_vision`)
+has vision-side nodes in each of circuit-tracer's groups, after the language model's:
+`[LM features, vision features, LM errors (layer, pos), vision errors (stage, vpos), tokens (pos),
+pixel inputs (vpos), logits]`. A vision *stage* is a vision block's MLP (stages `0 .. n-2`) or the
+projector (the last stage); `vpos` is the vision tower's position (0 = CLS, `1 + j` = patch `j`; the
+projector's patch `j` sits at `vpos = 1 + j`, and its CLS error is a zero node). The pixel input node at
+`vpos` is what enters the tower there (`vision.hook_embed`: the patch conv of the patch's pixels plus its
+position embedding; at CLS, the class embedding plus its position embedding). Token nodes at image
+positions are then zero (the projector writes there), and are kept only so that `token_node(pos)` stays.
 """
 
 from __future__ import annotations
@@ -35,6 +45,15 @@ class Graph:
         positions: one row per position: `pos`, `token`, `is_image`, `patch_row`, `patch_col`, `x0, y0, x1, y1`.
         scan: the transcoder set's identifier.
         labels: optional per-(layer, feature) ground-truth labels (`clerp`, `precision`), see `labels.py`.
+        vision_active_features: `[nnz_v, 3]` (stage, vpos, feature) of every active vision-side feature
+            (through-vision graphs only; empty otherwise).
+        vision_activation_values: `[nnz_v]` their activations.
+        vision_selected_features: indices into `vision_active_features` of the vision feature nodes.
+        n_vision_layers: vision stages (the vision MLPs, then the projector); 0 without the vision side.
+        vision_positions: one row per vision position: `vpos`, `kind` ("cls" or "patch"), `patch_row`,
+            `patch_col`, `lm_pos` (the sequence position the patch's projection is merged at; the first
+            image position for CLS), `x0, y0, x1, y1`; None without the vision side.
+        vision_scan: the vision transcoder set's identifier.
     """
 
     input_string: str
@@ -50,14 +69,36 @@ class Graph:
     positions: pd.DataFrame
     scan: str | None = None
     labels: pd.DataFrame | None = field(default=None, repr=False)
+    vision_active_features: Int[Tensor, "nnz_v 3"] = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
+    vision_activation_values: Float[Tensor, " nnz_v"] = field(default_factory=lambda: torch.zeros(0))
+    vision_selected_features: Int[Tensor, " n_vision_features"] = field(
+        default_factory=lambda: torch.zeros(0, dtype=torch.long)
+    )
+    n_vision_layers: int = 0
+    vision_positions: pd.DataFrame | None = field(default=None, repr=False)
+    vision_scan: str | None = None
 
     @property
     def n_pos(self) -> int:
         return len(self.input_tokens)
 
     @property
-    def n_features(self) -> int:
+    def n_vpos(self) -> int:
+        """Vision positions (0 without the vision side)."""
+        return 0 if self.vision_positions is None else len(self.vision_positions)
+
+    @property
+    def n_lm_features(self) -> int:
         return len(self.selected_features)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.selected_features) + len(self.vision_selected_features)
+
+    @property
+    def n_inputs(self) -> int:
+        """Input nodes: one token node per position, and one pixel node per vision position."""
+        return self.n_pos + self.n_vpos
 
     @property
     def n_logits(self) -> int:
@@ -68,12 +109,20 @@ class Graph:
         return self.n_features
 
     @property
+    def vision_error_start(self) -> int:
+        return self.error_start + self.n_layers * self.n_pos
+
+    @property
     def token_start(self) -> int:
-        return self.n_features + self.n_layers * self.n_pos
+        return self.vision_error_start + self.n_vision_layers * self.n_vpos
+
+    @property
+    def pixel_start(self) -> int:
+        return self.token_start + self.n_pos
 
     @property
     def logit_start(self) -> int:
-        return self.token_start + self.n_pos
+        return self.pixel_start + self.n_vpos
 
     @property
     def n_nodes(self) -> int:
@@ -87,18 +136,42 @@ class Graph:
         """Index of the token (embedding) node at `pos`."""
         return self.token_start + pos
 
+    def vision_error_node(self, stage: int, vpos: int) -> int:
+        """Index of the error node of vision stage `stage` (the projector is the last) at vision position `vpos`."""
+        return self.vision_error_start + stage * self.n_vpos + vpos
+
+    def pixel_node(self, vpos: int) -> int:
+        """Index of the pixel input node at vision position `vpos` (0 = CLS)."""
+        return self.pixel_start + vpos
+
     def feature_nodes(self) -> pd.DataFrame:
-        """One row per feature node, in node order: `node`, `layer`, `pos`, `feature`, `activation`."""
+        """One row per feature node, in node order: `node`, `layer`, `pos`, `feature`, `activation`; with the
+        vision side also `tower` ("language", "vision" or "projector"; `layer` and `pos` of a vision-side
+        feature are its stage and vision position)."""
         idx = self.active_features[self.selected_features]
-        return pd.DataFrame(
+        table = pd.DataFrame(
             dict(
-                node=range(self.n_features),
+                node=range(self.n_lm_features),
                 layer=idx[:, 0].tolist(),
                 pos=idx[:, 1].tolist(),
                 feature=idx[:, 2].tolist(),
                 activation=self.activation_values[self.selected_features].tolist(),
             )
         )
+        if self.vision_positions is None:
+            return table
+        vidx = self.vision_active_features[self.vision_selected_features]
+        vision = pd.DataFrame(
+            dict(
+                node=range(self.n_lm_features, self.n_features),
+                layer=vidx[:, 0].tolist(),
+                pos=vidx[:, 1].tolist(),
+                feature=vidx[:, 2].tolist(),
+                activation=self.vision_activation_values[self.vision_selected_features].tolist(),
+            )
+        )
+        vision["tower"] = ["projector" if s == self.n_vision_layers - 1 else "vision" for s in vision.layer]
+        return pd.concat([table.assign(tower="language"), vision], ignore_index=True)
 
     def logit_weights(self) -> Float[Tensor, " n_nodes"]:
         """The logit probabilities on the logit nodes, zeros elsewhere."""
@@ -107,7 +180,14 @@ class Graph:
         return w
 
     def image_token_nodes(self) -> pd.DataFrame:
-        """The token nodes at image positions with their patch: `node`, `pos`, `patch_row`, `patch_col`, box."""
+        """The input nodes of the image's patches: `node`, `pos`, `patch_row`, `patch_col`, box. These are the token
+        nodes at image positions, or, in a through-vision graph, the pixel nodes of the patches (then `pos` is
+        the sequence position the patch is merged at, and `vpos` its vision position)."""
+        if self.vision_positions is not None:
+            patches = self.vision_positions[self.vision_positions.kind == "patch"]
+            table = patches.rename(columns={"lm_pos": "pos"})
+            table.insert(0, "node", [self.pixel_node(int(v)) for v in patches.vpos])
+            return table.reset_index(drop=True)
         img = self.positions[self.positions.is_image].copy()
         img.insert(0, "node", [self.token_node(int(p)) for p in img.pos])
         return img.reset_index(drop=True)

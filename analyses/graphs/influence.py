@@ -66,7 +66,7 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {value}.")
     a, w = graph.adjacency_matrix.float(), graph.logit_weights()
-    n_keep = graph.n_pos + graph.n_logits  # tokens and logits, always kept
+    n_keep = graph.n_inputs + graph.n_logits  # tokens (and pixel inputs) and logits, always kept
     infl = influence(normalize(a), w)
     node_mask = infl >= _threshold(infl, node_threshold)
     node_mask[-n_keep:] = True

@@ -108,4 +108,7 @@ def node_labels(graph: Graph) -> pd.DataFrame:
     nodes = graph.feature_nodes()
     if graph.labels is None:
         return nodes.assign(clerp="", precision=float("nan"))
-    return nodes.merge(graph.labels[["layer", "feature", "clerp", "precision"]], on=["layer", "feature"], how="left")
+    out = nodes.merge(graph.labels[["layer", "feature", "clerp", "precision"]], on=["layer", "feature"], how="left")
+    if "tower" in out:  # the labels are the language model's transcoders'; vision-side features have none
+        out.loc[out.tower != "language", ["clerp", "precision"]] = ["", float("nan")]
+    return out

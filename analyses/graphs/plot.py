@@ -15,12 +15,19 @@ from analyses.graphs.graph import Graph
 from analyses.graphs.influence import node_influence
 from analyses.graphs.labels import node_labels
 
+_PREFIX = {"language": "L", "vision": "V", "projector": "P"}  # "P3": the projector (the last vision stage)
+
 
 def top_features(graph: Graph, n: int = 10) -> pd.DataFrame:
     """The `n` most influential feature nodes with their position, label (`clerp`) and influence."""
     infl = node_influence(graph)[: graph.n_features]
     table = node_labels(graph).assign(influence=infl.tolist())
-    table["token"] = graph.positions.token.to_numpy()[table.pos.to_numpy()]
+    table["token"] = graph.positions.token.to_numpy()[table.pos.to_numpy() % graph.n_pos]
+    if graph.vision_positions is not None:  # vision-side features: `pos` is the vision position
+        vp = graph.vision_positions
+        where = ["cls" if k == "cls" else f"img {r},{c}" for k, r, c in zip(vp.kind, vp.patch_row, vp.patch_col)]
+        vision = (table.tower != "language").to_numpy()
+        table.loc[vision, "token"] = np.asarray(where, dtype=object)[table.pos.to_numpy()[vision]]
     return table.sort_values("influence", ascending=False).head(n).reset_index(drop=True)
 
 
@@ -46,7 +53,8 @@ def plot_graph(image: Any, patch_map: Any, features: pd.DataFrame, title: str = 
     ax_img.set_title("image patches (token nodes)")
     ax_img.axis("off")
     names = [
-        f"L{r.layer} f{r.feature} @{r.token}" + (f" — {r.clerp}" if isinstance(r.clerp, str) and r.clerp else "")
+        f"{_PREFIX[getattr(r, 'tower', 'language')]}{r.layer} f{r.feature} @{r.token}"
+        + (f" — {r.clerp}" if isinstance(r.clerp, str) and r.clerp else "")
         for r in features.itertuples()
     ]
     ax_bar.barh(range(len(features)), features.influence.to_numpy(), color="tab:purple")

@@ -91,13 +91,19 @@ def _decoder_vectors(clean: CleanRun, ts: Any, layer: int) -> tuple[Tensor, Tens
     """A layer's active features' output vectors `a·W_dec`, padded to `[pos, k_max, d]` by position, and
     where each feature (in `clean.active` order) sits in the flattened `[pos * k_max]` layout."""
     sel = clean.active[:, 0] == layer
-    pos, f, values = clean.active[sel, 1], clean.active[sel, 2], clean.values[sel]
-    n_pos = clean.embed.shape[0]
+    return padded_decoders(
+        clean.active[sel, 1], clean.active[sel, 2], clean.values[sel], ts[layer].W_dec, len(clean.embed)
+    )
+
+
+def padded_decoders(pos: Tensor, f: Tensor, values: Tensor, W_dec: Tensor, n_pos: int) -> tuple[Tensor, Tensor]:
+    """Active features' output vectors `a·W_dec` (features `f` at positions `pos`, sorted by position), padded
+    to `[n_pos, k_max, d]`, and where each sits in the flattened `[n_pos * k_max]` layout."""
     counts = torch.bincount(pos, minlength=n_pos)
     k_max = max(int(counts.max()) if len(pos) else 0, 1)
     slot = torch.arange(len(pos), device=pos.device) - (counts.cumsum(0) - counts)[pos]  # rank within its position
-    vectors = torch.zeros(n_pos, k_max, clean.embed.shape[1], device=pos.device)
-    vectors[pos, slot] = ts[layer].W_dec[f].float() * values[:, None]
+    vectors = torch.zeros(n_pos, k_max, W_dec.shape[1], device=pos.device)
+    vectors[pos, slot] = W_dec[f].float() * values[:, None]
     return vectors.detach(), pos * k_max + slot
 
 

@@ -16,12 +16,19 @@ from hooked_llava.shapes.scene import COLORS, SHAPES, Scene, ShapeObject
 from hooked_llava.shapes.world import ShapesWorld, make_dataset
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
-CHECKPOINT_NAMES: tuple[str, ...] = ("shapes-llava", "shapes-lm", "shapes-llava-sae", "shapes-llava-transcoders")
+CHECKPOINT_NAMES: tuple[str, ...] = (
+    "shapes-llava",
+    "shapes-lm",
+    "shapes-llava-sae",
+    "shapes-llava-transcoders",
+    "shapes-llava-vision-transcoders",
+)
 
 
 def checkpoint_path(name: str) -> Path:
     """Directory of a shipped checkpoint: ``"shapes-llava"``, ``"shapes-lm"``, the SAE ``"shapes-llava-sae"``
-    or the transcoders ``"shapes-llava-transcoders"``.
+    or the transcoders ``"shapes-llava-transcoders"`` (language model) and ``"shapes-llava-vision-transcoders"``
+    (vision MLPs and projector).
 
     Raises:
         ValueError: If ``name`` is not a shipped checkpoint.

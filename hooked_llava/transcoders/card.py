@@ -2,7 +2,8 @@
 
 Metrics (questions of every category from the held-out world `EVAL_SEED`, image and text positions):
 per layer, the fraction of the MLP output's variance explained and the mean L0; and the model's answer
-accuracy with every MLP replaced by its transcoder (no error terms).
+accuracy with every MLP replaced by its transcoder (no error terms). For a vision set (the vision MLPs
+and the projector) the positions are every vision position of the questions' images (`LayerPairs`).
 
     python -m hooked_llava.transcoders.card --transcoders hooked_llava/checkpoints/shapes-llava-transcoders
 """
@@ -58,40 +59,59 @@ def evaluate(model: Any, ts: TranscoderSet, n_per_category: int = 50, seed: int 
 def card(metrics: dict[str, Any], training: dict[str, Any]) -> str:
     """The README of a shipped transcoder set, from `evaluate`'s metrics and the training record."""
     o, r = metrics["original"], metrics["replaced"]
+    vision = training.get("tower") == "vision"
+    n = len(metrics["fve"])
+    names = [f"vision MLP {i}" for i in range(n - 1)] + ["projector"] if vision else [str(i) for i in range(n)]
     rows = "\n".join(
-        f"| {layer} | {100 * f:.1f} % | {l0:.1f} |" for layer, (f, l0) in enumerate(zip(metrics["fve"], metrics["l0"]))
+        f"| {name} | {100 * f:.1f} % | {l0:.1f} |" for name, f, l0 in zip(names, metrics["fve"], metrics["l0"])
     )
+    if vision:
+        what = f"""the {n - 1} vision-tower MLPs and the projector of `{training["model"]}`: layer `i < {n - 1}` reads
+`vision.blocks.{{i}}.ln2.hook_normalized` and predicts `vision.blocks.{{i}}.hook_mlp_out` (every vision position,
+CLS included); layer {n - 1} reads `projector.hook_in` and predicts `projector.hook_out` (every patch). Stored in
+circuit-tracer's format (`config.yaml`, `layer_{{i}}.safetensors`; the hook keys list one hook per layer)."""
+        replaced, load = "every vision MLP and the projector replaced", f"{training['model']}-vision"
+        drawn = (
+            "positions per layer, each layer's own (the vision MLPs': every vision position of the images; "
+            "the projector's: every patch)"
+        )
+        evaluated = "positions per layer, drawn as in training"
+    else:
+        what = f"""the {n} MLPs of `{training["model"]}`'s language model: each reads
+`blocks.{{layer}}.ln2.hook_normalized` and predicts `blocks.{{layer}}.hook_mlp_out`. Stored in circuit-tracer's
+format (`config.yaml`, `layer_{{i}}.safetensors`)."""
+        replaced, load = "every MLP replaced", training["model"]
+        drawn = "image and text positions (each gives every layer's input/output pair)"
+        evaluated = "positions"
     return f"""# {training["name"]}
 
-Per-layer transcoders (TopK, k = {training["k"]}, {metrics["d_transcoder"]} features each) for the
-{len(metrics["fve"])} MLPs of `{training["model"]}`'s language model: each reads `blocks.{{layer}}.ln2.hook_normalized`
-and predicts `blocks.{{layer}}.hook_mlp_out`. Stored in circuit-tracer's format (`config.yaml`,
-`layer_{{i}}.safetensors`). Load them with
+Per-layer transcoders (TopK, k = {training["k"]}, {metrics["d_transcoder"]} features each) for
+{what} Load them with
 
 ```python
 from hooked_llava.transcoders import load_transcoders
 
-ts = load_transcoders("{training["model"]}")
+ts = load_transcoders("{load}")
 ```
 
 ## Training
 
-`{training["command"]}` — {training["samples"]:,} positions (each gives every layer's input/output pair),
-batches of {training["batch_size"]}, Shapes questions of all categories at image and text positions
+`{training["command"]}` — {training["samples"]:,} {drawn},
+batches of {training["batch_size"]}, Shapes questions of all categories
 (world seed {training["seed"]}), {training["minutes"]:.1f} min wall-clock ({training["cpu_minutes"]:.1f} min of
 process CPU time) on a 2-core CPU machine with 1 torch thread.
 
 ## Evaluation
 
 On {metrics["n_questions"]} held-out questions (world seed {metrics["eval_seed"]}, all categories,
-{metrics["n_vectors"]:,} positions):
+{metrics["n_vectors"]:,} {evaluated}):
 
 | layer | fraction of variance explained | mean L0 |
 |---|---|---|
 {rows}
 | all (pooled) | {100 * metrics["fve_overall"]:.1f} % | {sum(metrics["l0"]) / len(metrics["l0"]):.1f} |
 
-| visual-QA answers | original | every MLP replaced (no error terms) |
+| visual-QA answers | original | {replaced} (no error terms) |
 |---|---|---|
 | accuracy | {o["accuracy"]:.1f} % | {r["accuracy"]:.1f} % |
 | answer-token loss (nats) | {o["answer_ce"]:.4f} | {r["answer_ce"]:.4f} |

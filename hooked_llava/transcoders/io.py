@@ -12,6 +12,8 @@ A folder holds `config.yaml` and one `layer_{i}.safetensors` per layer:
 Each layer file has `W_enc [d_tc, d_model]`, `W_dec [d_tc, d_model]`, `b_enc`, `b_dec`, and optionally
 `activation_function.threshold` (JumpReLU), `W_skip` and `k` (written by circuit-tracer's TopK sets).
 A config may instead list the layer files under `transcoders:` (local paths, relative to the folder).
+Our extension for sets whose layers sit at unlike hooks (the vision MLPs, then the projector): the two
+hook keys may be lists with one full hook name per layer.
 """
 
 from __future__ import annotations
@@ -34,18 +36,28 @@ from hooked_llava.transcoders.transcoder import (
     activation_name,
 )
 
-SHIPPED = {"shapes-llava": "shapes-llava-transcoders", "shapes-llava-transcoders": "shapes-llava-transcoders"}
+SHIPPED = {
+    "shapes-llava": "shapes-llava-transcoders",
+    "shapes-llava-transcoders": "shapes-llava-transcoders",
+    "shapes-llava-vision": "shapes-llava-vision-transcoders",
+    "shapes-llava-vision-transcoders": "shapes-llava-vision-transcoders",
+}
 _KNOWN_KEYS = {"W_enc", "W_dec", "b_enc", "b_dec", "W_skip", "activation_function.threshold", "k"}
 
 
-def _template(hook: str) -> str:
-    """circuit-tracer's per-block hook suffix as a full template (`ln2.hook_normalized` → `blocks.{layer}.…`)."""
+def _template(hook: str | list[str]) -> str | list[str]:
+    """circuit-tracer's per-block hook suffix as a full template (`ln2.hook_normalized` → `blocks.{layer}.…`);
+    a list of per-layer hook names stays as it is."""
+    if not isinstance(hook, str):
+        return list(hook)
     return hook if "{layer}" in hook else f"blocks.{{layer}}.{hook}"
 
 
-def _suffix(template: str) -> str:
-    """The inverse of `_template` where the hook lives inside a block; else the template as it is."""
+def _suffix(template: str | list[str]) -> str | list[str]:
+    """The inverse of `_template` where the hook lives inside a block; else the template (or list) as it is."""
     prefix = "blocks.{layer}."
+    if not isinstance(template, str):
+        return list(template)
     return template[len(prefix) :] if template.startswith(prefix) else template
 
 

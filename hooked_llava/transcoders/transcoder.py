@@ -112,20 +112,22 @@ class SingleLayerTranscoder(nn.Module):
 
 
 class TranscoderSet(nn.Module):
-    """One transcoder per layer, indexable (`ts[l]`), with the hook-name templates they use.
+    """One transcoder per layer, indexable (`ts[l]`), with the hook names they use.
 
     Args:
         transcoders: the transcoders of layers 0, 1, ..., n-1, in order.
-        feature_input_hook: template of the hook the features read, with a `{layer}` field.
-        feature_output_hook: template of the hook whose value they predict.
+        feature_input_hook: template of the hook the features read, with a `{layer}` field; or, for a
+            set whose layers sit at unlike hooks (the vision MLPs, then the projector), one full hook
+            name per layer.
+        feature_output_hook: template of the hook whose value they predict (or one name per layer).
         scan: an identifier of the set (circuit-tracer's `scan`).
     """
 
     def __init__(
         self,
         transcoders: Sequence[SingleLayerTranscoder],
-        feature_input_hook: str = "blocks.{layer}.ln2.hook_normalized",
-        feature_output_hook: str = "blocks.{layer}.hook_mlp_out",
+        feature_input_hook: str | Sequence[str] = "blocks.{layer}.ln2.hook_normalized",
+        feature_output_hook: str | Sequence[str] = "blocks.{layer}.hook_mlp_out",
         scan: str | None = None,
     ):
         super().__init__()
@@ -133,13 +135,19 @@ class TranscoderSet(nn.Module):
             raise ValueError(
                 f"need one transcoder per layer 0..n-1 in order; got layers {[t.layer for t in transcoders]}"
             )
+        hooks = []
         for name in (feature_input_hook, feature_output_hook):
-            if "{layer}" not in name:
+            if isinstance(name, str) and "{layer}" not in name:
                 raise ValueError(
-                    f"hook template {name!r} has no {{layer}} field, e.g. 'blocks.{{layer}}.hook_mlp_out'."
+                    f"hook template {name!r} has no {{layer}} field, e.g. 'blocks.{{layer}}.hook_mlp_out' "
+                    "(or give a list with one hook name per layer)."
                 )
+            if not isinstance(name, str) and len(name) != len(transcoders):
+                raise ValueError(f"{len(name)} hook names for {len(transcoders)} layers; give one per layer.")
+            hooks.append(name if isinstance(name, str) else list(name))
         self.transcoders = nn.ModuleList(transcoders)
-        self.feature_input_hook, self.feature_output_hook, self.scan = feature_input_hook, feature_output_hook, scan
+        self.feature_input_hook, self.feature_output_hook = hooks
+        self.scan = scan
 
     def __len__(self) -> int:
         return len(self.transcoders)
@@ -160,8 +168,13 @@ class TranscoderSet(nn.Module):
 
     def input_hook(self, layer: int) -> str:
         """The hook layer `layer`'s features read, e.g. `blocks.3.ln2.hook_normalized`."""
-        return self.feature_input_hook.format(layer=layer)
+        return _hook_name(self.feature_input_hook, layer)
 
     def output_hook(self, layer: int) -> str:
         """The hook whose value layer `layer`'s transcoder predicts, e.g. `blocks.3.hook_mlp_out`."""
-        return self.feature_output_hook.format(layer=layer)
+        return _hook_name(self.feature_output_hook, layer)
+
+
+def _hook_name(hooks: str | list[str], layer: int) -> str:
+    """Layer `layer`'s hook: the template filled in, or the list's entry."""
+    return hooks.format(layer=layer) if isinstance(hooks, str) else hooks[layer]
