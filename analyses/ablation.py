@@ -106,6 +106,7 @@ def _values(
     return dict.fromkeys(layers, zeros)
 
 
+@torch.no_grad()
 def ablate_heads(
     model: HookedLlava,
     inputs: LlavaInputs,
@@ -114,7 +115,7 @@ def ablate_heads(
     reference: LlavaInputs | None = None,
     per_position: bool = False,
 ) -> Float[Tensor, "batch pos d_vocab"]:
-    """Logits with the given heads ablated together.
+    """Logits with the given heads ablated together (computed without gradients, as the other analyses).
 
     Args:
         model: the model.

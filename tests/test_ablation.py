@@ -189,3 +189,11 @@ def test_bad_head_indices_name_the_valid_range(pair, padded):
     assert parse_heads([(-1, -1)], 3, 4) == {2: [3]}  # negative indices count from the end, within range
     with pytest.raises(ValueError, match=r"heads_per_batch must be in 1 or more, got 0"):
         head_ablation_scan(model, padded, lambda lg: lg[:, -1, 0].mean(), heads_per_batch=0, progress=False)
+
+
+def test_ablation_keeps_no_autograd_graph(pair, padded):
+    """An ablated forward is an analysis, not a training step: no graph is kept (on a 0.5B model with
+    1,500 image tokens, one would hold every activation for a backward that never comes)."""
+    model, _ = pair
+    logits = ablate_heads(model, padded, ["0_1"], method="mean")
+    assert torch.is_grad_enabled() and not logits.requires_grad and logits.grad_fn is None

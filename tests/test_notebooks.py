@@ -1,5 +1,6 @@
-"""The tutorial notebooks: 01-04 and 06 are committed executed, with outputs and figures, and still
-execute; 05 is clean.
+"""The tutorial notebooks: 01-04, 06 and 07 are committed executed, with outputs and figures, and still
+execute; 05 (GPU) and 08 (LLaVA-OneVision-0.5B's weights) are committed clean, and 08 is executed here on
+a tiny OneVision checkpoint and without any weights.
 
 A reader on GitHub sees 01-04's results, so the committed copies must be complete runs: every code cell
 executed once, in order, no error output, a figure wherever a cell plots, no progress-bar flood, the
@@ -33,7 +34,8 @@ EXECUTED = [
     "07_attribution_graphs.ipynb",
 ]
 NEEDS_SAE = {"06_saes_shapes.ipynb"}  # runs only where the sae extra (SAELens) is installed
-UNEXECUTED = ["05_real_llava_7b.ipynb"]
+UNEXECUTED = ["05_real_llava_7b.ipynb", "08_onevision_laptop.ipynb"]  # need a GPU or weights we cannot ship
+LAPTOP = "08_onevision_laptop.ipynb"
 ALL = [*EXECUTED, *UNEXECUTED]
 CELL_TIMEOUT_S = 300
 MAX_TOTAL_BYTES = 2_500_000  # all six notebooks together, figures included
@@ -111,7 +113,7 @@ def test_notebook_is_committed_executed(name):
 @pytest.mark.parametrize("name", UNEXECUTED)
 def test_gpu_notebook_is_committed_clean(name):
     dirty = [i for i, cell in _code_cells(_read(name)) if cell.outputs or cell.execution_count]
-    assert not dirty, f"{name}: code cells {dirty} hold outputs; it needs a GPU, so commit it without them."
+    assert not dirty, f"{name}: code cells {dirty} hold outputs; it needs a GPU or real weights, so commit it clean."
 
 
 def test_committed_notebooks_are_small():
@@ -139,20 +141,71 @@ def test_notebook_executes(name, monkeypatch):
     missing = _missing_checkpoints()
     if missing:
         pytest.skip(f"the shipped Shapes checkpoint(s) {missing} are missing from {checkpoint_path(missing[0]).parent}")
-    install = "pip install -e '.[dev]'"
     if name in NEEDS_SAE:
         pytest.importorskip("sae_lens", reason="this notebook needs the sae extra: pip install -e '.[dev,sae]'")
-    nbclient = pytest.importorskip("nbclient", reason=f"nbclient is needed to execute notebooks ({install})")
-    pytest.importorskip("ipykernel", reason=f"ipykernel is needed to execute notebooks ({install})")
-    # The kernel runs in notebooks/: put this checkout first on its path, not an installed copy.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-    nb = _read(name)  # executed in memory: the committed file is left as it is
-    client = nbclient.NotebookClient(
-        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS_DIR)}}
-    )
     start = time.perf_counter()
-    client.execute()  # raises CellExecutionError, with the failing cell and its traceback, if any cell fails
+    nb = _execute(name, monkeypatch)  # in memory: the committed file is left as it is
     elapsed = time.perf_counter() - start
     problems = _run_problems(name, nb)
     assert not problems, "\n".join(problems)
     print(f"{name} executed in {elapsed:.0f} s")
+
+
+def _execute(name: str, monkeypatch, **env: str):
+    """Execute a copy of a notebook with extra environment variables; the executed copy. A failing cell
+    raises CellExecutionError with its traceback."""
+    install = "pip install -e '.[dev]'"
+    nbclient = pytest.importorskip("nbclient", reason=f"nbclient is needed to execute notebooks ({install})")
+    pytest.importorskip("ipykernel", reason=f"ipykernel is needed to execute notebooks ({install})")
+    # The kernel runs in notebooks/: put this checkout first on its path, not an installed copy.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    nb = _read(name)
+    resources = {"metadata": {"path": str(NOTEBOOKS_DIR)}}
+    nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources=resources).execute()
+    return nb
+
+
+def test_laptop_notebook_runs_every_analysis_on_a_local_onevision_folder(monkeypatch, tmp_path):
+    """Notebook 08 with `HOOKED_LLAVA_ONEVISION` set to a saved tiny OneVision: every cell runs, draws its
+    figures and reports the answer the model gives, computed here independently."""
+    import torch
+    from PIL import Image
+
+    from hooked_llava import HookedLlava
+    from hooked_llava.shapes.world import ShapesWorld
+    from hooked_llava.testing_onevision import tiny_pair
+
+    torch.manual_seed(0)
+    model, hf = tiny_pair("onevision", seed=3)
+    hf.save_pretrained(tmp_path)
+    model.processor.save_pretrained(tmp_path)
+    nb = _execute(LAPTOP, monkeypatch, HOOKED_LLAVA_ONEVISION=str(tmp_path), TQDM_DISABLE="1")
+    problems = [p for p in _run_problems(LAPTOP, nb) if "progress bar" not in p]
+    assert not problems, "\n".join(problems)
+
+    model = HookedLlava.from_pretrained(tmp_path)
+    scene = next(s for s in map(ShapesWorld(seed=0).scene, range(1000)) if len(s.objects) == 2)
+    question = f"What is the color of the {scene.objects[0].shape}? Answer with one word."
+    inputs = model.prepare(questions=[question], images=[[scene.image.resize((384, 384), Image.NEAREST)]])
+    with torch.no_grad():
+        probs = model(inputs)[0, -1].float().softmax(-1)
+    said = _stream_text(nb)
+    assert f"the model answers {model.to_string([int(probs.argmax())])!r} (p = {float(probs.max()):.3f})" in said
+    assert "Skipped" not in said and "- Knockout's largest drops" in said
+
+
+def test_laptop_notebook_skips_cleanly_without_weights(monkeypatch, tmp_path):
+    """Without the weights (nothing in the Hugging Face cache, no network), notebook 08 says what to download
+    and every later cell runs without error and without output."""
+    nb = _execute(LAPTOP, monkeypatch, HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
+    said = _stream_text(nb)
+    assert "Skipped: the weights of llava-hf/llava-onevision-qwen2-0.5b-ov-hf are not on this machine" in said
+    assert "hf download llava-hf/llava-onevision-qwen2-0.5b-ov-hf" in said and "Notebook run time" in said
+    code = _code_cells(nb)
+    skip = next(k for k, (_, cell) in enumerate(code) if "Skipped:" in "".join(o.get("text", "") for o in cell.outputs))
+    outputs = [o for _, cell in code[skip + 1 :] for o in cell.outputs]
+    assert all(o.output_type == "stream" for o in outputs), "a cell after the skip shows a table, figure or error"
+    lines = "".join(o.text for o in outputs).splitlines()
+    assert all(line.startswith(("scene:", "question:", "truth:", "Notebook run time")) for line in lines), lines

@@ -12,7 +12,7 @@ from transformer_lens import patching
 from analyses.ablation import ablate_heads
 from analyses.attribution.scores import log_prob_increase
 from analyses.information_flow.attention_knockout import knockout, knockout_sweep
-from analyses.lens.logit import logit_lens
+from analyses.lens.logit import logit_lens, top_k_table
 from analyses.patch_maps.anyres import anyres_maps, token_importance
 from analyses.patching.activation import patch_residual
 from hooked_llava import HookedLlava
@@ -74,6 +74,10 @@ def test_logit_lens_at_image_positions_is_the_norm_and_unembedding_of_the_cache(
     for i, layer in enumerate([0, 1]):
         manual = model.unembed(model.ln_final(cache[f"blocks.{layer}.hook_resid_pre"][:, pos]))
         torch.testing.assert_close(lens[i], manual, atol=1e-5, rtol=1e-5)
+    # tokens read as the tokenizer decodes them (" red"), not as its byte-level pieces ("Ġred")
+    table = top_k_table(model, lens, k=5, layers=[0, 1])
+    assert table.token.tolist() == model.tokenizer.batch_decode([[i] for i in table.token_id])
+    assert any(model.tokenizer.convert_ids_to_tokens(int(i)) != t for i, t in zip(table.token_id, table.token))
 
 
 def test_head_scores_are_the_frozen_readout_of_each_heads_result(ov, inputs):

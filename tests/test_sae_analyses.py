@@ -76,7 +76,7 @@ def test_top_activations_are_the_largest_over_the_dataset(model, sae):
                 rc[r.example, r.position].tolist()
             )
         else:
-            assert r.token == tok.convert_ids_to_tokens(int(inputs.input_ids[r.example, r.position]))
+            assert r.token == tok.decode([int(inputs.input_ids[r.example, r.position])])
 
 
 def test_ablation_at_image_positions_matches_an_independent_edit(model, sae, inputs):

@@ -209,7 +209,7 @@ def test_patch_lens_explorer_shows_the_logit_lens_top_tokens(model, inputs, cach
         choose(driver, "layer-select", str(layer))
         shown, probs = values(driver, "data-top-token"), values(driver, "data-prob")
         ids = lens[layer, 0].argmax(-1).tolist()
-        assert {c: shown[c] for c in order} == dict(zip(order, model.tokenizer.convert_ids_to_tokens(ids)))
+        assert {c: shown[c] for c in order} == dict(zip(order, model.tokenizer.batch_decode([[i] for i in ids])))
         top = lens[layer, 0].softmax(-1).max(-1).values
         assert_shown(probs, dict(zip(order, top.tolist())))
         # independently: the residual stream read through the final norm and the unembedding by hand
@@ -340,7 +340,7 @@ def test_the_explain_report_embeds_working_explorers(model, inputs, cache, drive
     order = list(cells)
     top = logit_lens(model, inputs, positions=[cells[c] for c in order], layers=[4])[0, 0].argmax(-1)
     shown = values(driver, "data-top-token", lens)
-    assert [shown[c] for c in order] == model.tokenizer.convert_ids_to_tokens(top.tolist())
+    assert [shown[c] for c in order] == model.tokenizer.batch_decode([[i] for i in top.tolist()])
     assert_clean(driver)
     from selenium.webdriver.common.by import By
 

@@ -88,7 +88,7 @@ def test_onevision_patch_lens_reads_the_base_views_tokens(onevision, driver, tmp
         choose(driver, "layer-select", str(i))
         shown = values(driver, "data-top-token")
         ids = lens[layer, 0].argmax(-1).tolist()
-        assert {c: shown[c] for c in order} == dict(zip(order, model.tokenizer.convert_ids_to_tokens(ids)))
+        assert {c: shown[c] for c in order} == dict(zip(order, model.tokenizer.batch_decode([[i] for i in ids])))
         n = model.cfg.n_layers
         resid = cache[f"blocks.{layer}.hook_resid_pre" if layer < n else f"blocks.{n - 1}.hook_resid_post"]
         by_hand = (model.ln_final(resid) @ model.W_U + model.b_U)[0].argmax(-1)

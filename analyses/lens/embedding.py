@@ -119,7 +119,7 @@ def embedding_projection(
     frame["row"], frame["col"] = rc[flat, 0].numpy(), rc[flat, 1].numpy()
     frame["rank"] = torch.arange(1, k + 1).repeat(len(where)).numpy()
     frame["token_id"], frame["score"] = ids.flatten().cpu().numpy(), scores.flatten().cpu().numpy()
-    frame["token"] = model.tokenizer.convert_ids_to_tokens(ids.flatten().tolist())
+    frame["token"] = model.to_str_tokens(ids.flatten().cpu())
     return frame[[*columns, "row", "col", "rank", "token_id", "token", "score"]]
 
 
@@ -181,7 +181,7 @@ def mrr(
         )  # [n, d_vocab]
         for token in row_tokens:
             rr = reciprocal_ranks(scores, torch.full(scores.shape[:1], token, device=scores.device))
-            records.append((b, token, model.tokenizer.convert_ids_to_tokens(token), float(rr.mean()), len(rr)))
+            records.append((b, token, model.to_single_str_token(int(token)), float(rr.mean()), len(rr)))
     return pd.DataFrame.from_records(records, columns=["batch", "token_id", "token", "mrr", "n_positions"])
 
 

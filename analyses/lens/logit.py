@@ -127,7 +127,7 @@ def top_k_table(
             "position": pos[index[:, 1], index[:, 2]].numpy(),
             "rank": index[:, 3].numpy() + 1,
             "token_id": flat_ids.numpy(),
-            "token": model.tokenizer.convert_ids_to_tokens(flat_ids.tolist()),
+            "token": model.to_str_tokens(flat_ids),
             "logit": logits.flatten().cpu().numpy(),
             "prob": probs.flatten().cpu().numpy(),
         }

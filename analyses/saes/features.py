@@ -73,7 +73,7 @@ def top_activations(
     Columns: example, position, role ("image"/"text"), token (text) or row/col (patch grid), activation.
     """
     _feature(feature, sae)
-    tok, rows = model.processor.tokenizer, []
+    rows = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         inputs = model.prepare(images=[e.image for e in chunk], prompts=[e.prompt for e in chunk])
@@ -89,7 +89,7 @@ def top_activations(
                     example=start + b,
                     position=p,
                     role="image" if is_image else "text",
-                    token=None if is_image else tok.convert_ids_to_tokens(int(inputs.input_ids[b, p])),
+                    token=None if is_image else model.to_single_str_token(int(inputs.input_ids[b, p])),
                     row=int(rc[b, p, 0]) if is_image else -1,
                     col=int(rc[b, p, 1]) if is_image else -1,
                     activation=v,
@@ -134,8 +134,8 @@ def edit_features(
         after = model.run_with_hooks_with_saes(
             inputs, saes=[sae], use_error_term=True, fwd_hooks=[(_acts_name(sae), edit)]
         )
-    rows, tok = torch.arange(len(inputs)), model.processor.tokenizer
-    top = lambda logits: tok.convert_ids_to_tokens(logits[rows, inputs.last].argmax(-1).tolist())
+    rows = torch.arange(len(inputs))
+    top = lambda logits: model.to_str_tokens(logits[rows, inputs.last].argmax(-1).cpu())
     return pd.DataFrame(
         dict(
             row=rows.tolist(),
