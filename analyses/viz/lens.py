@@ -27,9 +27,9 @@ from hooked_llava import HookedLlava, LlavaInputs
 LENS_BYTES = 512 * 2**20  # logits held at once while reading the lens
 
 
-def lens_table(model: HookedLlava, inputs: LlavaInputs, layers: Sequence[int], k: int = 5):
-    """`top_k_table` of the logit lens at every drawn patch of a one-row batch (`lens_cells`' positions)."""
-    cells = torch.tensor([lens_cells(model, inputs)])  # [1, grid * grid], row-major
+def lens_table(model: HookedLlava, inputs: LlavaInputs, positions: list[int], layers: Sequence[int], k: int = 5):
+    """`top_k_table` of the logit lens of a one-row batch at `positions` (the drawn cells, row-major)."""
+    cells = torch.tensor([positions])  # [1, grid * grid]
     per_chunk = max(1, LENS_BYTES // (cells.shape[1] * model.cfg.d_vocab * 4))
     tables = []
     for start in range(0, len(layers), per_chunk):
@@ -68,12 +68,13 @@ def patch_lens_explorer(
     chosen = list(range(n + 1)) if layers is None else [int(x) % (n + 1) for x in layers]
     lens_positions(one, "image")  # a clear error for inputs without an image
     drawn = image_grid(model, one, 0)
-    table = lens_table(model, one, chosen, k)
+    cell_positions = drawn.positions()
+    table = lens_table(model, one, cell_positions, chosen, k)
     grid, kept = drawn.grid, len(chosen)
     vocab = sorted(set(table.token))
     index = {t: i for i, t in enumerate(vocab)}
     shape = (kept, grid * grid, k)
-    cell_of = {int(p): i for i, p in enumerate(drawn.positions())}
+    cell_of = {p: i for i, p in enumerate(cell_positions)}
     ids = np.zeros(shape, dtype=np.int64)
     probs = np.zeros(shape)
     for layer_i, layer in enumerate(chosen):
@@ -92,8 +93,3 @@ def patch_lens_explorer(
     }
     left_out = drawn.note()
     return Explorer("lens", payload, "logit lens at every image patch" + (f" ({left_out})" if left_out else ""))
-
-
-def lens_cells(model: HookedLlava, inputs: LlavaInputs) -> list[int]:
-    """Sequence position of each drawn patch-grid cell of row 0, row-major (tiled inputs: the base view)."""
-    return image_grid(model, inputs, 0).positions()
